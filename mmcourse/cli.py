@@ -1,0 +1,204 @@
+"""The ``mmcourse`` command: list, run, refresh and check the course.
+
+mmcourse list                          chapters, their parameters and defaults
+mmcourse run 01 [02 ...|--all] [-p name value]... [--output DIR]
+mmcourse refresh [01 ...|--all]        re-execute notebooks in place (stored outputs)
+mmcourse doctor                        versions, device, model hash, espeak-ng
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmcourse import chapters as ch
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a ``-p`` value the way papermill's own CLI does (YAML: 3, 0.5, true, cpu)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _select(keys: list[str], all_: bool) -> list[ch.Chapter]:
+    if all_ and keys:
+        raise ch.ChapterError("give chapter names or --all, not both")
+    if all_:
+        return ch.list_chapters()
+    if not keys:
+        raise ch.ChapterError("name at least one chapter (e.g. `mmcourse run 01`) or use --all")
+    return [ch.find_chapter(k) for k in keys]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for chapter in ch.list_chapters():
+        print(f"{chapter.name}  -  {chapter.title}")
+        for name, spec in ch.chapter_parameters(chapter).items():
+            note = f"  # {spec['help']}" if spec["help"] else ""
+            print(f"    {name} = {spec['default']!r} ({spec['type']}){note}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import papermill
+
+    selected = _select(args.chapters, args.all)
+    parameters = {name: _parse_value(value) for name, value in args.parameter}
+    # Check every parameter before running anything: a typo should not cost a long run.
+    if len(selected) == 1:
+        ch.resolve_parameters(selected[0], parameters)
+    else:
+        known = set().union(*(ch.chapter_parameters(c) for c in selected))
+        unknown = sorted(set(parameters) - known)
+        if unknown:
+            raise ch.ChapterError(f"no selected chapter has parameter(s): {', '.join(unknown)}")
+        for chapter in selected:
+            ch.resolve_parameters(chapter, parameters, strict=False)
+    output = Path(args.output)
+    all_results: dict[str, dict[str, Any]] = {}
+    failed = []
+    for chapter in selected:
+        start = time.perf_counter()
+        params = ch.resolve_parameters(chapter, parameters, strict=False)
+        shown = " ".join(f"{k}={v!r}" for k, v in params.items())
+        print(f"== {chapter.name} {shown}".rstrip(), flush=True)
+        try:
+            results = ch.run_chapter(chapter, output, params, progress_bar=args.progress)
+        except papermill.PapermillExecutionError as err:
+            failed.append(chapter.name)
+            print(f"   FAILED in cell {err.exec_count}: {err.ename}: {err.evalue}")
+            print(f"   see {output / chapter.path.name}")
+            continue
+        all_results[chapter.name] = results
+        for name, value in results.items():
+            print(
+                f"   {name} = {json.dumps(value) if not isinstance(value, float) else f'{value:.4g}'}"
+            )
+        print(f"   ({time.perf_counter() - start:.1f} s)")
+    (output / "results.json").write_text(json.dumps(all_results, indent=2) + "\n")
+    print(f"results written to {output / 'results.json'}")
+    if failed:
+        print(f"{len(failed)} chapter(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    for chapter in _select(args.chapters, args.all):
+        start = time.perf_counter()
+        ch.refresh_chapter(chapter)
+        print(f"refreshed {chapter.name} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    from mmcourse.pretrained import ModelFileError, default_model_path, verify_model_files
+    from mmcourse.utils import get_device
+
+    ok = True
+    print(f"python        {platform.python_version()} ({sys.executable})")
+    for package in (
+        "mmcourse",
+        "torch",
+        "transformers",
+        "datasets",
+        "papermill",
+        "jupyterlab",
+        "numpy",
+    ):
+        try:
+            print(f"{package:<13} {md.version(package)}")
+        except md.PackageNotFoundError:
+            print(f"{package:<13} MISSING")
+            ok = False
+    print(f"device        auto -> {get_device('auto')} (cuda: {torch.cuda.is_available()})")
+    try:
+        path = default_model_path()
+        verify_model_files(path)
+        print(f"text encoder  OK, SHA-256 verified ({path})")
+    except ModelFileError as err:
+        print(f"text encoder  PROBLEM: {err}")
+        ok = False
+    espeak = shutil.which("espeak-ng")
+    if espeak:
+        version = subprocess.run(
+            [espeak, "--version"], capture_output=True, text=True
+        ).stdout.strip()
+        print(f"espeak-ng     {version}")
+    else:
+        print("espeak-ng     not found (only needed to re-render the spoken digits)")
+    try:
+        from mmcourse.data.avdigits import load_spoken_digits
+
+        spoken = load_spoken_digits()
+        print(f"spoken digits OK, {len(spoken.digits)} clips at {spoken.sample_rate} Hz")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"spoken digits PROBLEM: {err}")
+        ok = False
+    try:
+        print(f"notebooks     {len(ch.list_chapters())} chapters in {ch.notebooks_dir()}")
+    except ch.ChapterError as err:
+        print(f"notebooks     {err}")
+    print("all good" if ok else "some checks failed")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmcourse", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="chapters, their parameters and defaults").set_defaults(
+        func=cmd_list
+    )
+    run = sub.add_parser("run", help="execute chapters headless with papermill")
+    run.add_argument("chapters", nargs="*", help="chapter numbers or names, e.g. 01 02")
+    run.add_argument("--all", action="store_true", help="run every chapter")
+    run.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="set a parameter (repeatable), e.g. -p seed 1",
+    )
+    run.add_argument(
+        "--output", "-o", default="mmcourse-runs", help="folder for executed notebooks"
+    )
+    run.add_argument("--progress", action="store_true", help="show papermill's cell progress bar")
+    run.set_defaults(func=cmd_run)
+    refresh = sub.add_parser("refresh", help="re-execute notebooks in place")
+    refresh.add_argument("chapters", nargs="*")
+    refresh.add_argument("--all", action="store_true")
+    refresh.set_defaults(func=cmd_refresh)
+    sub.add_parser("doctor", help="check the environment").set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ch.ChapterError as err:
+        print(f"mmcourse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
