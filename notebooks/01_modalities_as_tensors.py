@@ -400,7 +400,7 @@ before = embed_test(model)
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
 g = torch.Generator().manual_seed(seed)
 losses = []
-for step in tqdm(range(align_steps), desc="aligning", mininterval=2):
+for _ in tqdm(range(align_steps), desc="aligning", mininterval=2):
     idx = torch.randint(0, len(train["label"]), (batch_size,), generator=g)
     u, v, scale = model(train["image"][idx].to(device), train_audio[idx].to(device))
     loss = clip_loss(u, v, scale)

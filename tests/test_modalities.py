@@ -19,8 +19,12 @@ from mmcourse.modalities import (
 def test_patchify_equals_einops_and_inverts(shape, P):
     x = torch.randn(shape)
     patches = patchify(x, P)
-    torch.testing.assert_close(patches, rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=P, p2=P))
-    torch.testing.assert_close(unpatchify(patches, patch_size=P, height=shape[2], width=shape[3]), x)
+    torch.testing.assert_close(
+        patches, rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=P, p2=P)
+    )
+    torch.testing.assert_close(
+        unpatchify(patches, patch_size=P, height=shape[2], width=shape[3]), x
+    )
 
 
 def test_linear_on_patches_equals_strided_conv():
@@ -42,7 +46,9 @@ def test_linear_on_patches_equals_strided_conv():
 
 
 def test_patchify_bad_inputs():
-    with pytest.raises(ValueError, match=r"expected image batch of shape \(B, C, H, W\), got \(32, 32, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"expected image batch of shape \(B, C, H, W\), got \(32, 32, 3\)"
+    ):
         patchify(torch.zeros(32, 32, 3), 4)
     with pytest.raises(ValueError, match="not divisible by patch_size=5"):
         patchify(torch.zeros(1, 3, 32, 32), 5)
@@ -54,7 +60,9 @@ def test_patchify_bad_inputs():
 
 def test_shared_space_shapes_and_one_batch_overfit():
     torch.manual_seed(0)
-    config = SharedSpaceConfig(image_dim=64, audio_dim=40 * 11, hidden_dim=64, embed_dim=16, dropout=0.0)
+    config = SharedSpaceConfig(
+        image_dim=64, audio_dim=40 * 11, hidden_dim=64, embed_dim=16, dropout=0.0
+    )
     model = SharedSpace(config)
     image, audio = torch.randn(16, 1, 8, 8), torch.randn(16, 40, 11)
     u, v, scale = model(image, audio)

@@ -19,7 +19,9 @@ def test_there_are_notebooks():
 def test_first_code_cell_is_the_parameters_cell(path):
     nb = json.loads(path.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    assert "parameters" in code[0]["metadata"].get("tags", []), "first code cell must be tagged 'parameters'"
+    assert "parameters" in code[0]["metadata"].get("tags", []), (
+        "first code cell must be tagged 'parameters'"
+    )
     source = "".join(code[0]["source"])
     assert "seed = 0" in source and 'device = "auto"' in source
 
@@ -31,16 +33,24 @@ def test_notebook_is_stored_executed_without_errors(path):
     for cell in nb["cells"]:
         if cell["cell_type"] != "code" or not "".join(cell["source"]).strip():
             continue
-        assert cell["execution_count"] is not None, f"unexecuted cell: {''.join(cell['source'])[:60]}"
+        assert cell["execution_count"] is not None, (
+            f"unexecuted cell: {''.join(cell['source'])[:60]}"
+        )
         assert not [o for o in cell["outputs"] if o["output_type"] == "error"]
-    counts = [c["execution_count"] for c in nb["cells"] if c["cell_type"] == "code" and c["execution_count"]]
+    counts = [
+        c["execution_count"]
+        for c in nb["cells"]
+        if c["cell_type"] == "code" and c["execution_count"]
+    ]
     assert counts == list(range(1, len(counts) + 1)), "not executed top to bottom in a fresh kernel"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_jupytext_pair_is_in_sync(path):
     paired = path.with_suffix(".py")
-    assert paired.is_file(), f"missing jupytext pair {paired.name} (run: jupytext --sync {path.name})"
+    assert paired.is_file(), (
+        f"missing jupytext pair {paired.name} (run: jupytext --sync {path.name})"
+    )
     ipynb = jupytext.read(path)
     py = jupytext.read(paired)
     assert len(ipynb.cells) == len(py.cells), "different number of cells; run jupytext --sync"

@@ -39,7 +39,11 @@ def test_read_results_from_a_notebook(tmp_path):
         "source": "",
         "metadata": {},
         "outputs": [
-            {"output_type": "display_data", "metadata": {}, "data": {MIME_TYPE: {"name": "x", "value": 3}}},
+            {
+                "output_type": "display_data",
+                "metadata": {},
+                "data": {MIME_TYPE: {"name": "x", "value": 3}},
+            },
             {"output_type": "stream", "name": "stdout", "text": "hi"},
         ],
     }
