@@ -1,6 +1,7 @@
 """The exercise checkers pass the solutions, fail common mistakes, and say why in words."""
 
 import torch
+from exercise_checks import assert_all_pass, assert_feedback
 from torch import nn
 
 from mmcourse.exercises import Exercise, Mismatch, call, ch00, ch01
@@ -19,10 +20,7 @@ def test_solutions_pass(capsys):
         (ch01.q3, lambda f: 1127.0 * torch.log1p(f / 700.0)),  # the same scale, written with ln
         (ch01.q4, lambda a, b: nn.functional.cosine_similarity(a[:, None], b[None], dim=-1)),
     ]
-    for exercise, answer in answers:
-        assert exercise.passes(answer), exercise.feedback(answer)[1]
-        exercise.check(answer)
-    assert capsys.readouterr().out.count("[correct]") == 5
+    assert_all_pass(answers, capsys)
 
 
 def test_unattempted_is_not_an_error(capsys):
@@ -56,10 +54,7 @@ def test_mistakes_get_specific_feedback(capsys):
         (ch01.q4, lambda a, b: 1 / 0, "raised an error on a of shape (5, 8)"),
     ]
     for exercise, answer, phrase in checks:
-        assert not exercise.passes(answer), phrase
-        exercise.check(answer)
-        out = capsys.readouterr().out
-        assert "[incorrect]" in out and phrase in out, (phrase, out)
+        assert_feedback(exercise, answer, phrase, capsys)
 
 
 def test_hint_cycles_and_solution_shows_code(capsys):

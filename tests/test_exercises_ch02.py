@@ -5,6 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from exercise_checks import assert_all_pass, assert_feedback
 
 from mmcourse.exercises import ch02
 
@@ -36,10 +37,7 @@ def test_solutions_pass(capsys):
         (ch02.q4, 64),
         (ch02.q4, 64.0),
     ]
-    for exercise, answer in answers:
-        assert exercise.passes(answer), exercise.feedback(answer)[1]
-        exercise.check(answer)
-    assert capsys.readouterr().out.count("[correct]") == len(answers)
+    assert_all_pass(answers, capsys)
 
 
 def test_unattempted_is_not_an_error(capsys):
@@ -93,10 +91,7 @@ def test_mistakes_get_specific_feedback(capsys):
         (ch02.q4, "64", "expected a number"),
     ]
     for exercise, answer, phrase in checks:
-        assert not exercise.passes(answer), phrase
-        exercise.check(answer)
-        out = capsys.readouterr().out
-        assert "[incorrect]" in out and phrase in out, (phrase, out)
+        assert_feedback(exercise, answer, phrase, capsys)
 
 
 def test_hints_and_solutions(capsys):

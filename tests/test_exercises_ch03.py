@@ -1,6 +1,7 @@
 """Chapter 03's checkers pass the solutions, fail the common mistakes, and say why in words."""
 
 import torch
+from exercise_checks import assert_all_pass, assert_feedback
 
 from mmcourse.exercises import ch03
 from mmcourse.positional import apply_rotary, sinusoidal_encoding, sinusoidal_shift_matrix
@@ -74,10 +75,7 @@ def test_solutions_pass(capsys):
         (ch03.q3, sinusoidal_shift_matrix),
         (ch03.q4, 197 * 768),
     ]
-    for exercise, answer in answers:
-        assert exercise.passes(answer), exercise.feedback(answer)[1]
-        exercise.check(answer)
-    assert capsys.readouterr().out.count("[correct]") == len(answers)
+    assert_all_pass(answers, capsys)
 
 
 def test_unattempted_is_not_an_error(capsys):
@@ -115,10 +113,7 @@ def test_mistakes_get_specific_feedback(capsys):
         (ch03.q4, 2.5, "whole number"),
     ]
     for exercise, answer, phrase in checks:
-        assert not exercise.passes(answer), phrase
-        exercise.check(answer)
-        out = capsys.readouterr().out
-        assert "[incorrect]" in out and phrase in out, (phrase, out)
+        assert_feedback(exercise, answer, phrase, capsys)
 
 
 def test_hints_and_solutions(capsys):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from exercise_checks import assert_all_pass, assert_feedback
 
 from mmcourse.encoders import ViTEncoder, count_parameters
 from mmcourse.exercises import ch04
@@ -25,10 +26,7 @@ def test_solutions_pass(capsys):
         (ch04.q3, _count_by_building),  # building the model and counting is fine too
         (ch04.q4, lambda m: ~m.bool()),
     ]
-    for exercise, answer in answers:
-        assert exercise.passes(answer), exercise.feedback(answer)[1]
-        exercise.check(answer)
-    assert capsys.readouterr().out.count("[correct]") == 5
+    assert_all_pass(answers, capsys)
 
 
 def test_formula_matches_the_model_for_every_hidden_case():
@@ -94,10 +92,7 @@ def _normalised_stream(x, attn, ffn, n1, n2):
     ],
 )
 def test_mistakes_get_specific_feedback(exercise, answer, phrase, capsys):
-    assert not exercise.passes(answer), phrase
-    exercise.check(answer)
-    out = capsys.readouterr().out
-    assert "[incorrect]" in out and phrase in out, (phrase, out)
+    assert_feedback(exercise, answer, phrase, capsys)
 
 
 def test_hints_and_solutions(capsys):

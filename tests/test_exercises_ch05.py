@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from exercise_checks import assert_all_pass, assert_feedback
 
 from mmcourse.exercises import ch05
 
@@ -59,10 +60,7 @@ def test_solutions_pass(capsys):
         (ch05.q4, "c"),
         (ch05.q4, " C "),
     ]
-    for exercise, answer in answers:
-        assert exercise.passes(answer), exercise.feedback(answer)[1]
-        exercise.check(answer)
-    assert capsys.readouterr().out.count("[correct]") == len(answers)
+    assert_all_pass(answers, capsys)
 
 
 def test_unattempted_is_not_an_error(capsys):
@@ -117,10 +115,7 @@ def test_mistakes_get_specific_feedback(capsys):
         (ch05.q4, 3, "one of the letters"),
     ]
     for exercise, answer, phrase in checks:
-        assert not exercise.passes(answer), phrase
-        exercise.check(answer)
-        out = capsys.readouterr().out
-        assert "[incorrect]" in out and phrase in out, (phrase, out)
+        assert_feedback(exercise, answer, phrase, capsys)
 
 
 def test_hints_and_solutions(capsys):
