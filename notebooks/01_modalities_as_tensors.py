@@ -96,7 +96,7 @@ print("tokens of the first caption:", tokenizer.convert_ids_to_tokens(batch["inp
 
 # %% [markdown]
 # > **Common pitfall: token ids are not features.** An id is a row number in a table, not
-# > a measurement: id 2417 ("circle") is not "bigger" than id 2300, and averaging ids is
+# > a measurement: id 4418 ("circle") is not "bigger" than id 2417 ("red"), and averaging ids is
 # > meaningless. One of the source articles builds its multimodal input by concatenating
 # > `input_ids` and the `attention_mask` with image features (000 §5.2). What should be
 # > fused is the **embeddings** the ids select - the vectors below - never the ids.
@@ -143,7 +143,7 @@ torch.testing.assert_close(s, encode_sentences(captions, tokenizer, text_model))
 print("sentence vectors", tuple(s.shape), "- equal to mmcourse.pretrained.encode_sentences")
 
 # %% [markdown]
-# The model was pretrained on a billion sentence pairs so that sentences with similar
+# The model was fine-tuned on a billion sentence pairs so that sentences with similar
 # meaning get similar vectors. Does that hold for Shapes-world captions written with
 # synonyms? The cosine similarity $\hat s_a \cdot \hat s_b$ of every pair answers it:
 
@@ -294,7 +294,7 @@ print("power spectrogram S:", tuple(S.shape), "(frequency bins, frames)")
 
 # %% [markdown]
 # Human hearing resolves low frequencies finely and high ones coarsely. The **mel scale**
-# (梅尔刻度) models this, $\mathrm{mel}(f) = 2595 \log_{10}(1 + f/700)$, and a bank of $J$
+# (梅尔刻度) models this (in the HTK form used here), $\mathrm{mel}(f) = 2595 \log_{10}(1 + f/700)$, and a bank of $J$
 # triangular filters, evenly spaced in mel, pools the $K$ bins into $J$ bands:
 # $M = F^\top S$ with $F \in \mathbb{R}^{K \times J}$. Finally a logarithm (decibels) matches
 # loudness perception and tames the huge dynamic range:
@@ -335,8 +335,8 @@ plt.show()
 
 # %% [markdown]
 # The log-mel spectrogram is a $(J, M)$ image. A model can read it as $M$ tokens of $J$
-# values each (one per 10 ms frame, as speech models such as Whisper do after a small
-# convolution), or cut it into patches like a photo (as the Audio Spectrogram Transformer
+# values each (one token per frame or two: Whisper runs two small convolutions over the
+# frames, the second with stride 2, giving one token per 20 ms), or cut it into patches like a photo (as the Audio Spectrogram Transformer
 # does). Either way audio, too, has become $X^{(\text{audio})} = [x_1, \dots, x_{L}]$.
 #
 # | modality | raw tensor | as a sequence $X^{(m)}$ |
@@ -441,7 +441,9 @@ fig.colorbar(im, ax=axes[1:], label="cosine similarity")
 plt.show()
 
 # %% [markdown]
-# After a few seconds of training the diagonal lights up: the image of a digit and the
+# The loss starts near $\ln B$ (here $\ln 128 \approx 4.85$, the loss of guessing among
+# the batch) and may sit there for a while before it falls. After training the diagonal
+# lights up: the image of a digit and the
 # sound of its name point the same way. A 2-D view of the space (principal components of
 # all test embeddings) shows both modalities meeting in ten clusters:
 

@@ -467,7 +467,7 @@ print("one big projection + split into heads == a loop over heads with their own
 
 # %% [markdown]
 # That is exactly what `nn.MultiheadAttention` computes. Its weights are stored as
-# `in_proj_weight` $= [W^Q; W^K; W^V]^\top$ (PyTorch's `Linear` stores $W^\top$) and
+# `in_proj_weight` $= [W^Q, W^K, W^V]^\top = [(W^Q)^\top; (W^K)^\top; (W^V)^\top]$, of shape $(3D, D)$ (PyTorch's `Linear` stores $W^\top$) and
 # `out_proj.weight` $= (W^O)^\top$, with biases that we set to zero here:
 
 # %%
@@ -716,9 +716,9 @@ mmcourse.record("shape_word_localisation", localisation["shape"], at_least=0.2)
 # across several patches, which one layer of attention cannot combine before it chooses
 # where to look. (Stacking layers - chapter 04 - is the fix.)
 #
-# > **Common pitfall: reading an attention map as the explanation.** A first version of
-# > this model was asked only for the region. It learned that just as well, but with some
-# > seeds a word learned to look *away* from its object: the average position of all the
+# > **Common pitfall: reading an attention map as the explanation.** In our runs, a first
+# > version of this model was asked only for the region. It learned that just as well, but
+# > with some seeds a word learned to look *away* from its object: the average position of all the
 # > patches except the object's also tells where the object is - as a hole. Asking for
 # > the size, which only the object's own patches show, removed that shortcut. High
 # > accuracy does not mean that the weights point at the evidence: check them against
@@ -745,7 +745,10 @@ for col, scene in enumerate(examples):
     region = shapes.POSITIONS[region_logits[scene].argmax().item()]
     size = shapes.SIZES[size_logits[scene].argmax().item()]
     axes[0, col].imshow(test["images"][scene].permute(1, 2, 0))
-    axes[0, col].set_title(f"the {colour} {shape}?\n-> {region}, {size}", fontsize=8)
+    true_region, true_size = (shapes.POSITIONS[test_answers[scene, 0]], shapes.SIZES[test_answers[scene, 1]])
+    wrong = (region, size) != (true_region, true_size)
+    axes[0, col].set_title(f"the {colour} {shape}?\n-> {region}, {size}" + (f"\n(true: {true_region}, {true_size})" if wrong else ""),
+                           fontsize=8, color="red" if wrong else "black")
     axes[0, col].axis("off")
     overlay(axes[1, col], scene, mean_weights[scene, 0], f'"{colour}" attends to')
     overlay(axes[2, col], scene, mean_weights[scene, 1], f'"{shape}" attends to')
@@ -753,6 +756,11 @@ fig.suptitle(f"Cross-attention of the question words over the {grid} x {grid} pa
 plt.show()
 
 # %% [markdown]
+# A title in red marks a wrong answer, with the truth below it. Each word queries the
+# image on its own: the colour word's query is the same whatever the shape, so when two
+# objects share a colour, only the (weaker) shape word can tell them apart - the typical
+# failure of this small model.
+#
 # ### An explorer
 #
 # The weights above are averaged over heads at the trained temperature. Below you can pick
@@ -876,8 +884,8 @@ mmcourse.record("fused_speedup_at_max_length", speedup)
 # %% [markdown]
 # The reference path's memory follows $L^2$; the fused kernel's follows $L$ (its output),
 # and both give the same numbers. Time grows as $L^2$ for both once the work dominates
-# the fixed overheads; the fused kernel is faster by a constant factor, because it does
-# not write and re-read the score matrix. On a CPU these times wander with the machine's
+# the fixed overheads; the fused kernel is faster at every length here (the ratio wanders from run to
+# run on a CPU; see the speed-up column), because it does not write and re-read the score matrix. On a CPU these times wander with the machine's
 # load; `python -m mmcourse.bench attention` runs a more careful comparison, including
 # the full `MultiHeadAttention` against `nn.MultiheadAttention`.
 #

@@ -563,7 +563,7 @@ plt.show()
 # positions enter: `none`, `sinusoidal`, `learned`, `rope`. Every model starts from the same
 # token embeddings and sees the same training batches. Then we test on fresh sequences of
 # the training length and on **longer** ones (`test_length`), to see which encodings carry
-# over to positions never seen - **length generalisation** (长度外推). The learned table gets
+# over to positions never seen - **length extrapolation** (长度外推). The learned table gets
 # rows for the long sequences too, but training only ever reaches the first
 # `train_length` of them.
 
@@ -664,7 +664,7 @@ plt.show()
 #   tokens, exactly as section 1 predicts. No amount of training changes that.
 # * **Sinusoidal** and **learned** solve the task at the training length. On longer
 #   sequences they hold while A and B both sit in the positions seen in training and fall
-#   to about chance beyond: the learned rows there were never trained, and the sinusoidal
+#   towards chance beyond: the learned rows there were never trained, and the sinusoidal
 #   vectors there are combinations the network never saw.
 # * **RoPE** solves it too, and carries over to the longer sequences best: attention
 #   compares positions only through the offset between query and key, and the sign of the
@@ -782,6 +782,7 @@ q3.check(my_shift_matrix)
 
 # %%
 # Exercise 4: parameters of ViT-B/16's learned position table at 224 x 224 (D = 768).
+# ViT puts one extra [CLS] token in front of the 196 patches (chapter 04); it gets a position too.
 table_parameters = ...  # your answer, an int
 q4.check(table_parameters)
 

@@ -519,8 +519,8 @@ mmcourse.record("vit_cls_attention_on_object", first_share, at_least=2 * baselin
 #
 # The log-mel spectrogram of chapter 01, a $(J, M)$ image of mel bands by 10 ms frames,
 # becomes tokens the same way. A token is a patch of the spectrogram: all $J$ bands of
-# `audio_patch_frames` consecutive frames (a strided "convolution" over time, like
-# Whisper's input layer; with patches of fewer bands it becomes the Audio Spectrogram
+# `audio_patch_frames` consecutive frames (non-overlapping groups of frames: a
+# simplification of Whisper's strided convolutions; with patches of fewer bands it becomes the Audio Spectrogram
 # Transformer). A 1-D sinusoidal position goes with each token; here the tokens are
 # **mean-pooled** instead of read through a [CLS] token. The task: which digit is spoken,
 # by voices the model never heard in training.
@@ -636,8 +636,10 @@ q2.check(my_pre_norm_block)
 
 
 # %%
-# Exercise 3: the number of parameters of ViTEncoder(config), from the config alone
-# (config.dim, config.num_layers, config.hidden_dim, config.num_patches, config.position, ...).
+# Exercise 3: the number of parameters of ViTEncoder(config), from the config alone. Count:
+# the patch embedding (Conv2d, weights + bias), the [CLS] token, the position table (only if
+# config.position == "learned"; the sin-cos table is a fixed buffer), the blocks, the final
+# LayerNorm (pre-norm only) and the classifier (only if config.num_classes > 0).
 def my_vit_num_parameters(config):
     raise NotImplementedError  # your code here
 

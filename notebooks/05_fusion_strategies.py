@@ -94,6 +94,8 @@ print("computing on", device, f"({torch.get_num_threads()} thread(s))" if device
 from mmcourse.data import avdigits
 
 data_config = avdigits.AVDigitsConfig.noisy(seed=seed)
+print(f"noisy preset: image_occlusion={data_config.image_occlusion}, image_noise={data_config.image_noise}, "
+      f"audio_snr_db={data_config.audio_snr_db}")
 splits = {name: avdigits.av_digits_tensors(name, config=data_config) for name in avdigits.SPLITS}
 for name, split in splits.items():
     print(f"{name:>10}: {len(split['label'])} examples, images {tuple(split['image'].shape[1:])}, "
@@ -322,6 +324,8 @@ print("gates", tuple(gated.gates([X1, X2]).shape), "(B, M, D) sum to one over M 
 # a scale $\gamma$ and a shift $\beta$ for every feature of the audio tokens,
 #
 # $$[\gamma; \beta] = W\, h_1 + b, \qquad \mathrm{FiLM}(X_2) = (1 + \gamma) \odot X_2 + \beta,$$
+#
+# (the "1 +" starts the model at the identity; the paper writes $\gamma \odot X + \beta$)
 #
 # the same on every audio token; the modulated audio tokens go through a GELU, a pooling
 # and the classifier. The image reaches the prediction *only* through $\gamma$ and $\beta$.
@@ -676,8 +680,9 @@ mmcourse.record("clean_accuracy_cost_of_dropout",
 #
 # Corruption is another matter. Hiding more of the image removes information, and the
 # fused models stay around the audio-only model. Louder noise on the audio is worse than
-# losing the audio: every fused model falls far below the image-only model, with or
-# without modality dropout. The standardised audio features show why:
+# losing it, on average and above all for the models trained with modality dropout; and
+# every fused model falls far below the image-only model. The standardised audio features
+# show why:
 
 # %%
 for name, feats in {"training (-10 dB)": x["train"][1], "test (-10 dB)": x["test"][1],
