@@ -212,6 +212,14 @@ fig.suptitle("AV-Digits: image, waveform, log-mel spectrogram, and the noisy ima
 plt.show()
 
 # %% [markdown]
+# How to read the figure: every clip is zero-padded to one second, and silence sits at the
+# log-mel floor of -100 dB (the black block on the right). In the bottom row, the *noisy*
+# preset has hidden a random rectangle of each image: hidden pixels are set to 0, which
+# the colour map draws white like the background - so a digit can look cut off or almost
+# empty. Chapter 05 uses that preset, with the speech buried in noise too, to show why
+# fusing the two modalities matters.
+
+# %% [markdown]
 # ## 4. The pretrained text encoder
 #
 # One real pretrained model is part of the course: **all-MiniLM-L6-v2**, a 6-layer BERT

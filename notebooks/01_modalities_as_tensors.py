@@ -334,6 +334,9 @@ axes[3].set(title="log-mel spectrogram (dB)", xlabel="time (s)", ylabel="mel ban
 plt.show()
 
 # %% [markdown]
+# The clip is zero-padded to one second; where there is only silence the log-mel sits at
+# its floor, $10 \log_{10} \epsilon = -100$ dB (the black block on the right).
+#
 # The log-mel spectrogram is a $(J, M)$ image. A model can read it as $M$ tokens of $J$
 # values each (one token per frame or two: Whisper runs two small convolutions over the
 # frames, the second with stride 2, giving one token per 20 ms), or cut it into patches like a photo (as the Audio Spectrogram Transformer
