@@ -26,3 +26,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA or MPS device"))
         if item.get_closest_marker("espeak") and shutil.which("espeak-ng") is None:
             item.add_marker(pytest.mark.skip(reason="needs espeak-ng (apt-get install espeak-ng)"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a test module on one torch thread, then restore the setting.
+
+    The models in most tests are tiny: on a busy 2-core machine, two threads that wait on
+    each other made them 3-50x slower. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

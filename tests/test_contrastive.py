@@ -25,14 +25,8 @@ from mmcourse.contrastive import (
     zero_shot_predict,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors run fastest on one CPU thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one CPU thread is fastest (and does not fight other processes for cores).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def brute_force_clip_loss(u, v, s):

@@ -49,13 +49,8 @@ MINILM = dict(  # all-MiniLM-L6-v2
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one CPU thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one CPU thread is fastest (and does not fight other processes for cores).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_vit(**kw) -> ViTConfig:

@@ -38,14 +38,8 @@ from mmcourse.positional import (
     which_comes_first,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a busy CPU, one thread beats several that wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one CPU thread is fastest (and does not fight other processes for cores).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- sinusoidal ----------------------------------------------------------------------------
