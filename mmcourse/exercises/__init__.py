@@ -110,8 +110,13 @@ class Exercise:
     _hint_index: int = field(default=0, repr=False)
 
     def feedback(self, answer: Any) -> tuple[bool, str]:
-        """Run the checker on ``answer``; return ``(passed, message)`` without printing."""
+        """Run the checker on ``answer``; return ``(passed, message)`` without printing.
+
+        ``None`` and ``...`` (the placeholders in the notebooks) count as not attempted.
+        """
         try:
+            if answer is None or answer is Ellipsis:
+                raise NotAttempted
             self.checker(answer)
         except NotAttempted:
             return False, (

@@ -49,10 +49,6 @@ q1 = Exercise(
 
 
 def _check_token_count(answer) -> None:
-    if answer is None or answer is Ellipsis:
-        from mmcourse.exercises import NotAttempted
-
-        raise NotAttempted
     if not isinstance(answer, int) or isinstance(answer, bool):
         raise Mismatch(f"expected a whole number of tokens, got {answer!r}")
     if answer == 224 // 16:
