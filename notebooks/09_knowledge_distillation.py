@@ -1,0 +1,738 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 09 · Knowledge distillation
+#
+# A fine-tuned MiniLM has 22.7 million parameters and six 384-wide layers. A model that
+# answers millions of requests, or runs on a phone, wants something a hundred times
+# smaller. **Knowledge distillation** (知识蒸馏) trains such a small **student model**
+# (学生模型) to imitate a large **teacher model** (教师模型) instead of learning from the
+# labels alone. 004 §4.3 names three ways to do it - **soft label distillation**
+# (软标签蒸馏), **attention distillation** (注意力蒸馏) and **intermediate layer
+# distillation** (中间层蒸馏) - but gives only the headings: no formula and no code. This
+# chapter writes each one down (Hinton et al. 2015; TinyBERT, Jiao et al. 2020; MiniLM,
+# Wang et al. 2020), checks it against PyTorch, and measures what each buys on a task of
+# the Shapes world: accuracy, parameters and latency.
+
+# %% tags=["parameters"]
+# Parameters: papermill and `mmcourse run 09 -p name value` can change these.
+seed = 0  # random seed: data, teacher head and the first student seed
+device = "auto"  # "auto" picks cuda, then mps, then cpu
+max_length = 16  # tokens per caption after truncation ([CLS] and [SEP] included; full: 32)
+num_transfer = 400  # captions the teacher labels (the transfer set; full: 4000)
+num_labelled = 50  # of those, captions the student may see the true label of (full: 50)
+num_test = 300  # test captions (full: 2000)
+teacher_steps = 40  # fine-tuning steps of the teacher's last layer and head (full: 300)
+student_steps = 120  # training steps per student (full: 1000)
+student_dim = 64  # D_s: width of the student (full: 128)
+student_layers = 2  # blocks of the student (full: 4)
+num_seeds = 2  # student seeds per main method (full: 5)
+temperatures = "1,2,4,8"  # T of the soft-label sweep
+cpu_threads = 1  # torch threads on a CPU; the latency table is measured with this many (0: torch's default)
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mmcourse
+from mmcourse import utils
+from mmcourse.plotting import setup_notebook
+
+utils.positive_int(max_length=max_length, num_transfer=num_transfer, num_labelled=num_labelled,
+                   num_test=num_test, teacher_steps=teacher_steps, student_steps=student_steps,
+                   student_dim=student_dim, student_layers=student_layers, num_seeds=num_seeds)
+utils.non_negative_int(cpu_threads=cpu_threads)
+if num_labelled > num_transfer:
+    raise ValueError(f"num_labelled must be <= num_transfer={num_transfer}, got {num_labelled}")
+if max_length < 10:
+    raise ValueError(f"max_length must be >= 10 so that the first object always fits, got {max_length}")
+if student_dim % 4:
+    raise ValueError(f"student_dim must be a multiple of 4 (the student has 4 heads), got {student_dim}")
+sweep = [float(t) for t in temperatures.split(",")]
+for t in sweep:
+    utils.positive_float(**{"a temperature in temperatures": t})
+mmcourse.seed_everything(seed)
+device = mmcourse.get_device(device)
+if device.type == "cpu" and cpu_threads:
+    torch.set_num_threads(cpu_threads)  # tiny students: threads mostly wait on each other
+setup_notebook()
+print("computing on", device, f"({torch.get_num_threads()} thread(s))" if device.type == "cpu" else "")
+
+# %% [markdown]
+# ## 1. The idea: learn from the teacher's whole distribution
+#
+# A label says "this caption shows a **red circle**". A trained teacher says more: its
+# probabilities over the 24 classes also say which *wrong* answers are almost right - a
+# red square more than a green triangle. Hinton et al. call this **dark knowledge**
+# (暗知识). At the usual softmax the teacher is so sure that the wrong classes get
+# probabilities like $10^{-6}$, invisible to a loss. A **temperature** (温度) $T$ divides
+# the logits $z$ before the softmax and makes them visible:
+#
+# $$p_i^T = \frac{\exp(z_i / T)}{\sum_j \exp(z_j / T)}.$$
+#
+# $T = 1$ is the ordinary softmax; $T \to \infty$ tends to the uniform distribution. The
+# student is trained to match the teacher's softened distribution, the **soft labels**
+# (软标签), as well as (or instead of) the true **hard labels** (硬标签).
+
+# %%
+from mmcourse import distill
+
+z = torch.tensor([6.0, 4.0, 3.5, 1.0, 0.0, -1.0])  # a teacher's logits over six classes
+fig, axes = plt.subplots(1, len(sweep), figsize=(9, 2.4), sharey=True)
+for ax, T in zip(axes, sweep, strict=True):
+    p = distill.softmax_with_temperature(z, T)  # p^T
+    ax.bar(range(len(z)), p.numpy(), color="tab:blue")
+    ax.set_title(f"T = {T:g}")
+    ax.set_xlabel("class i")
+axes[0].set_ylabel("$p_i^T$")
+fig.suptitle("The same logits, softened by the temperature")
+plt.show()
+
+# %% [markdown]
+# ## 2. The soft-label loss, and why it carries a $T^2$
+#
+# With the teacher's logits $z^t$, the student's $z^s$ and a true label $y$ (one-hot),
+# the distillation loss for one example is
+#
+# $$\mathcal{L}_{KD} = \alpha\, T^2\, \mathrm{KL}\!\left(p^{t,T} \,\|\, p^{s,T}\right)
+#   + (1 - \alpha)\, \mathrm{CE}\!\left(y, p^{s,1}\right),
+# \qquad \mathrm{KL}(p \,\|\, q) = \sum_i p_i \log \frac{p_i}{q_i},$$
+#
+# averaged over the $B$ examples of a batch. The KL divergence is taken *from* the teacher
+# (the target distribution comes first) and summed over the classes. Its gradient with
+# respect to a student logit is
+#
+# $$\frac{\partial\, \mathrm{KL}(p^{t,T} \| p^{s,T})}{\partial z^s_i} = \frac{1}{T}\left(p^{s,T}_i - p^{t,T}_i\right)
+#   \approx \frac{1}{C\,T^2}\left(z^s_i - z^t_i\right) \quad (T \gg |z|,\ \text{logits of mean } 0),$$
+#
+# so it shrinks like $1/T^2$: without the factor $T^2$, raising the temperature would
+# silently turn the soft term off next to the hard one. The code, with the same symbols
+# (`z_s`, `z_t`, `T`, `alpha`, `y`), written as explicit sums:
+
+# %%
+B, C = 4, 24
+gen = torch.Generator().manual_seed(seed)
+z_s = torch.randn(B, C, generator=gen, requires_grad=True)  # student logits z^s
+z_t = 3 * torch.randn(B, C, generator=gen)  # teacher logits z^t
+y = torch.randint(0, C, (B,), generator=gen)  # hard labels
+T, alpha = 4.0, 0.7
+
+p_t = torch.exp(z_t / T) / torch.exp(z_t / T).sum(-1, keepdim=True)  # p^{t,T}, (B, C)
+p_s = torch.exp(z_s / T) / torch.exp(z_s / T).sum(-1, keepdim=True)  # p^{s,T}, (B, C)
+kl = (p_t * torch.log(p_t / p_s)).sum(-1)  # KL per example, (B,)
+p_s1 = torch.softmax(z_s, -1)  # p^{s,1}, (B, C)
+ce = -torch.log(p_s1[torch.arange(B), y])  # CE per example, (B,)
+loss_by_hand = (alpha * T**2 * kl + (1 - alpha) * ce).mean()
+
+loss = distill.kd_loss(z_s, z_t, temperature=T, alpha=alpha, labels=y)
+torch_kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(z_s / T, -1), F.softmax(z_t / T, -1))
+torch.testing.assert_close(loss, loss_by_hand)
+torch.testing.assert_close(loss, alpha * T**2 * torch_kl + (1 - alpha) * F.cross_entropy(z_s, y))
+g_hand, = torch.autograd.grad(loss_by_hand, z_s)
+g_pkg, = torch.autograd.grad(loss, z_s)
+torch.testing.assert_close(g_pkg, g_hand)
+print(f"kd_loss = {loss.item():.4f}: the explicit sums, nn.KLDivLoss(batchmean) * T^2 + CE, and the gradients agree")
+
+# %% [markdown]
+# Now the $T^2$ claim, measured: the size of the soft term's gradient for the same logits
+# at each temperature, with and without the factor.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+rows = []
+for T_ in [1, 2, 4, 8, 16]:
+    zs = z_s.detach().clone().requires_grad_(True)
+    for scaled in (True, False):
+        g, = torch.autograd.grad(distill.soft_label_loss(zs, z_t, temperature=T_, t_squared=scaled), zs)
+        rows.append({"T": T_, "with T^2" if scaled else "without T^2": round(g.norm().item(), 3)})
+grad_table = pd.DataFrame(rows).groupby("T").first()
+print(grad_table.to_string())
+
+# %% [markdown]
+# With $T^2$ the gradient settles at a constant size as $T$ grows; without it the size
+# falls by about 4 for each doubling of $T$.
+#
+# > **Common pitfall: `reduction="mean"`, a missing $T^2$, and probabilities where
+# > log-probabilities belong.** Code found online often writes
+# > `nn.KLDivLoss()(F.log_softmax(z_s / T), F.softmax(z_t / T))`. Three mistakes hide
+# > there. (1) The old default `reduction="mean"` averages over *all* $B \cdot C$
+# > entries, so the loss is $C$ times too small (PyTorch warns that `"batchmean"` is the
+# > mathematically correct choice). (2) Without `* T**2` the soft term fades as $1/T^2$
+# > (table above). (3) `F.kl_div(input, target)` expects `input` as **log**-probabilities
+# > and computes $\mathrm{KL}(\text{target} \,\|\, \exp(\text{input}))$; passing the
+# > student's probabilities, or swapping the two, computes something else. 004 §4.3 names
+# > soft-label distillation without a formula, so none of this is visible there.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+import warnings
+
+log_q, p = F.log_softmax(z_s.detach() / T, -1), F.softmax(z_t / T, -1)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    mean_kl = F.kl_div(log_q, p, reduction="mean")  # the pitfall
+batchmean_kl = F.kl_div(log_q, p, reduction="batchmean")  # the KL per example
+print(f"batchmean / mean = {(batchmean_kl / mean_kl).item():.2f} = C = {C}")
+print("PyTorch's own warning:", str(caught[0].message).split(".")[0] if caught else "(none)")
+
+# %% [markdown]
+# ## 3. The task: captions of the Shapes world, and few labels
+#
+# Each Shapes-world scene comes with a caption drawn from templates and synonyms ("a
+# picture of a big crimson disk on the left and a cobalt box"). The task: read the caption
+# and name the colour and shape of the **first** object, one of 24 classes (20 occur in
+# these splits; chapter 00 explains the held-out pairs). The words are a closed, generated
+# vocabulary, and the data are procedurally generated from the seed.
+#
+# The setting of distillation with a **transfer set** (迁移集): the teacher has been
+# fine-tuned with labels for `num_transfer` captions; the student gets the true label of
+# only `num_labelled` of them, but may ask the teacher about all of them.
+
+# %%
+from mmcourse.data import shapes
+from mmcourse.pretrained import load_text_encoder
+
+tokenizer, minilm = load_text_encoder()
+transfer = shapes.generate_shapes(num_transfer, split="train")
+test = shapes.generate_shapes(num_test, split="test")
+
+
+def tokenize(captions):
+    enc = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+ids_tr, mask_tr = tokenize(transfer["caption"])
+ids_te, mask_te = tokenize(test["caption"])
+y_tr, y_te = torch.from_numpy(transfer["label"]), torch.from_numpy(test["label"])
+student_labels = y_tr.clone()
+student_labels[num_labelled:] = -100  # ignore_index: the student never sees these labels
+num_classes = len(shapes.CLASS_NAMES)
+for i in range(3):
+    print(f"{shapes.CLASS_NAMES[y_tr[i]]:>16} <- {transfer['caption'][i]!r}")
+print("tokens:", tokenizer.convert_ids_to_tokens(ids_tr[0]))
+print(f"transfer set {len(y_tr)} captions ({num_labelled} labelled for the student), test {len(y_te)}; "
+      f"chance = {1 / len(set(y_te.tolist())):.3f}")
+
+# %% [markdown]
+# ## 4. The teacher: MiniLM, fine-tuned cheaply
+#
+# The teacher is the real pretrained MiniLM (`all-MiniLM-L6-v2`) with a linear head on the
+# mean of its token vectors. We copy its weights into the course's `TextEncoder`
+# (chapter 04 showed both give the same numbers; we check once more), wrapped in
+# `distill.TextClassifier`, which also returns every layer's hidden states and attention
+# maps. To keep the chapter fast, blocks 0-4 stay frozen: their outputs are computed
+# **once** for every caption, and only block 5 and the head are fine-tuned on them with
+# `mmcourse.train.fit`.
+
+# %%
+from mmcourse.encoders import TextEncoder, TextEncoderConfig, count_parameters, load_from_bert
+from mmcourse.train import TrainConfig, fit
+
+teacher_config = TextEncoderConfig.from_bert_config(minilm.config, add_pooling_layer=False)
+teacher = distill.TextClassifier(TextEncoder(teacher_config), num_classes=num_classes)
+load_from_bert(teacher.encoder, minilm)
+teacher.eval()
+with torch.no_grad():
+    theirs = minilm(input_ids=ids_tr[:4], attention_mask=mask_tr[:4]).last_hidden_state
+    ours = teacher(ids_tr[:4], mask_tr[:4], output_hidden_states=True).hidden_states[-1]
+torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+teacher.to(device)
+
+
+@torch.no_grad()
+def teacher_cache(ids, mask, batch=128):
+    """Block 5's input for every caption, and what the frozen blocks give the student to copy."""
+    keep = {"h5": [], "h3": [], "a2": []}
+    for i in range(0, len(ids), batch):
+        out = teacher(ids[i:i + batch].to(device), mask[i:i + batch].to(device),
+                      output_hidden_states=True, output_attentions=True)
+        keep["h5"].append(out.hidden_states[5])  # (b, N, 384): input of block 5
+        keep["h3"].append(out.hidden_states[3])  # (b, N, 384): output of block 3
+        keep["a2"].append(out.attentions[2])  # (b, 12, N, N): block 2's attention
+    return {k: torch.cat(v) for k, v in keep.items()}
+
+
+start = time.perf_counter()
+cache_tr, cache_te = teacher_cache(ids_tr, mask_tr), teacher_cache(ids_te, mask_te)
+print(f"frozen blocks run once over {len(ids_tr) + len(ids_te)} captions in {time.perf_counter() - start:.1f} s")
+
+# %%
+for p in teacher.parameters():
+    p.requires_grad_(False)
+for p in [*teacher.encoder.blocks[5].parameters(), *teacher.head.parameters()]:
+    p.requires_grad_(True)
+mask_tr, mask_te, y_tr_d, y_te_d = mask_tr.to(device), mask_te.to(device), y_tr.to(device), y_te.to(device)
+
+
+def teacher_accuracy(model):
+    logits = model.forward_from(cache_te["h5"], mask_te, start_layer=5).logits
+    return {"accuracy": (logits.argmax(-1) == y_te_d).float().mean().item()}
+
+
+order = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(seed))
+teacher_batches = [order[i:i + 32] for i in range(0, len(order), 32)]
+teacher_fit = fit(
+    teacher,
+    teacher_batches,
+    loss_fn=lambda m, idx: F.cross_entropy(
+        m.forward_from(cache_tr["h5"][idx], mask_tr[idx], start_layer=5).logits, y_tr_d[idx]),
+    config=TrainConfig(max_steps=teacher_steps, lr=2e-3, warmup_steps=5, device=str(device), progress=False),
+    optimizer=torch.optim.AdamW([p for p in teacher.parameters() if p.requires_grad], lr=2e-3),
+)
+teacher.eval()
+teacher_acc = teacher_accuracy(teacher)["accuracy"]
+print(f"teacher: {count_parameters(teacher) / 1e6:.1f} M parameters, {count_parameters(teacher, trainable_only=True) / 1e6:.2f} M "
+      f"fine-tuned in {teacher_fit.seconds:.1f} s; test accuracy {teacher_acc:.3f}")
+mmcourse.record("teacher_accuracy", teacher_acc, at_least=0.85)
+
+# %% [markdown]
+# Now the teacher is frozen for good. Everything the students will copy is computed once:
+# the logits on the transfer set, the hidden states of layers 3 and 6 and the attention
+# maps of blocks 2 and 5 (blocks 0-4 did not change, so their part of the cache stands).
+
+# %%
+with torch.no_grad():
+    top = teacher.forward_from(cache_tr["h5"], mask_tr, start_layer=5,
+                               output_hidden_states=True, output_attentions=True)
+targets = {
+    "logits": top.logits,  # (num_transfer, C)
+    "hidden": {3: cache_tr["h3"], 6: top.hidden_states[-1]},  # (num_transfer, N, 384) each
+    "attention": {2: cache_tr["a2"], 5: top.attentions[-1]},  # (num_transfer, 12, N, N) each
+}
+print("teacher agrees with the true label on", f"{(top.logits.argmax(-1) == y_tr_d).float().mean().item():.3f}",
+      "of the transfer set")
+
+# %% [markdown]
+# ### What the soft labels say
+#
+# The teacher's distribution for three captions, at rising temperatures. The dark
+# knowledge is *structured*: the mass that the true class does not take goes first to the
+# classes that share its colour or its shape, or to the class of another object the
+# caption mentions.
+
+# %%
+names = shapes.CLASS_NAMES
+fig, axes = plt.subplots(3, len(sweep), figsize=(10, 6), sharex=True)
+for row, i in enumerate([0, 1, 2]):
+    for col, T_ in enumerate(sweep):
+        p = distill.softmax_with_temperature(targets["logits"][i].cpu(), T_)
+        bars = axes[row, col].bar(range(num_classes), p.numpy(), color="lightgray")
+        bars[int(y_tr[i])].set_color("tab:red")
+        axes[row, col].set_ylim(0, 1)
+        if row == 0:
+            axes[row, col].set_title(f"T = {T_:g}")
+    axes[row, 0].set_ylabel(transfer["caption"][i][:28] + "...", fontsize=7)
+for ax in axes[-1]:
+    ax.set_xticks(range(num_classes), names, rotation=90, fontsize=6)
+fig.suptitle("Teacher soft labels (red: the true class)")
+plt.show()
+
+# %% [markdown]
+# Measured over the whole transfer set at $T = 4$: where does the mass that misses the
+# true class go? Per wrong class, on average:
+
+# %%
+p4 = distill.softmax_with_temperature(targets["logits"].cpu(), 4.0)
+groups = {"same colour": [], "same shape": [], "another object in the caption": [], "unrelated": []}
+for i, objects in enumerate(transfer["objects"]):
+    true = int(y_tr[i])
+    others = {shapes.class_id(shape=o["shape"], colour=o["colour"]) for o in objects[1:]}
+    for k in range(num_classes):
+        if k == true:
+            continue
+        if k in others:
+            groups["another object in the caption"].append(p4[i, k].item())
+        elif k // len(shapes.SHAPES) == true // len(shapes.SHAPES):
+            groups["same colour"].append(p4[i, k].item())
+        elif k % len(shapes.SHAPES) == true % len(shapes.SHAPES):
+            groups["same shape"].append(p4[i, k].item())
+        else:
+            groups["unrelated"].append(p4[i, k].item())
+dark = {name: float(np.mean(v)) for name, v in groups.items()}
+print(pd.Series(dark, name="mean p_k^4 per wrong class").round(4).to_string())
+dark_ratio = min(dark["same colour"], dark["same shape"]) / dark["unrelated"]
+mmcourse.record("dark_knowledge_ratio", dark_ratio, at_least=1.3)
+
+# %% [markdown]
+# ## 5. The student: a tiny tower on the teacher's tokens
+#
+# The student is the same kind of encoder - `TextEncoder` - at a tiny size: `student_layers`
+# blocks of width $D_s$ = `student_dim` with 4 heads. It reads exactly the teacher's
+# WordPiece tokens, so that token $i$ of the student is token $i$ of the teacher and
+# their attention maps can be compared entry by entry. It only needs embedding rows for
+# the tokens that occur in this world: `distill.compact_vocabulary` maps MiniLM's 30,522
+# ids onto those (ids never seen become `[UNK]`). Dropout is off: it only slows a model this
+# small.
+
+# %%
+lookup = distill.compact_vocabulary(ids_tr, vocab_size=teacher_config.vocab_size)
+sids_tr, sids_te = lookup[ids_tr].to(device), lookup[ids_te].to(device)
+student_config = TextEncoderConfig(
+    vocab_size=int(lookup.max()) + 1, max_position_embeddings=max_length, dim=student_dim,
+    num_layers=student_layers, num_heads=4, hidden_dim=4 * student_dim, dropout=0.0,
+    attention_dropout=0.0, add_pooling_layer=False)
+
+
+def make_student(seed_):
+    torch.manual_seed(seed_)
+    return distill.TextClassifier(TextEncoder(student_config), num_classes=num_classes).to(device)
+
+
+n_teacher, n_student = count_parameters(teacher), count_parameters(make_student(seed))
+print(f"student vocabulary {student_config.vocab_size} tokens; parameters: teacher {n_teacher:,}, "
+      f"student {n_student:,} ({n_teacher / n_student:.0f}x fewer)")
+
+# %% [markdown]
+# ## 6. Attention and hidden-state distillation
+#
+# Soft labels only say what the teacher *concludes*. TinyBERT and MiniLM also copy *how*
+# it gets there. A map $g$ pairs each student layer $m$ with a teacher layer $g(m)$
+# (uniformly, $g(m) = m \cdot L_t / L_s$: here student block 1 with teacher block 3,
+# block 2 with block 6, counting from 1).
+#
+# **Attention distillation.** With $A^{s}_{m}, A^{t}_{g(m)} \in \mathbb{R}^{N \times N}$ the
+# attention distributions (each row sums to one), MiniLM minimises, per query row $i$,
+#
+# $$\mathcal{L}_{attn} = \frac{1}{|g|} \sum_m \frac{1}{N} \sum_{i} \mathrm{KL}\!\left(A^{t}_{g(m), i} \,\|\, A^{s}_{m, i}\right)$$
+#
+# (TinyBERT uses the squared error instead; `loss="mse"`). Both papers compare head $h$
+# with head $h$, which needs as many student heads as teacher heads. Our student has 4
+# heads and the teacher 12, so we compare the **head-averaged** maps (`heads="mean"`):
+# the student copies the consensus of the teacher's heads, not each head.
+#
+# **Hidden-state distillation.** The student's token vectors $H^s_m \in \mathbb{R}^{N \times D_s}$
+# are narrower than the teacher's $H^t_{g(m)} \in \mathbb{R}^{N \times D_t}$; TinyBERT
+# learns a projection $W_h \in \mathbb{R}^{D_s \times D_t}$ with the student:
+#
+# $$\mathcal{L}_{hidn} = \frac{1}{|g|} \sum_m \mathrm{MSE}\!\left(H^s_m W_h + b_h,\; H^t_{g(m)}\right).$$
+#
+# Padding tokens are left out of both. First by hand for one pair of layers, then the
+# package:
+
+# %%
+idx = torch.arange(8, device=device)
+probe = make_student(seed)
+out = probe(sids_tr[idx], mask_tr[idx], output_hidden_states=True, output_attentions=True)
+w = mask_tr[idx].float()  # (B, N): 1 = real token
+A_s = out.attentions[-1].mean(1)  # (B, N, N): student's last block, heads averaged
+A_t = targets["attention"][5][idx].mean(1)  # (B, N, N): teacher block 6 (index 5)
+kl_rows = torch.where(A_t > 0, A_t * (torch.log(A_t) - torch.log(A_s)), 0.0).sum(-1)  # (B, N); 0 log 0 = 0
+attn_by_hand = (kl_rows * w).sum() / w.sum()
+attn_pkg = distill.attention_map_loss(out.attentions[-1], targets["attention"][5][idx], attention_mask=mask_tr[idx])
+torch.testing.assert_close(attn_pkg, attn_by_hand)
+
+W_h = nn.Linear(student_dim, 384).to(device)  # the learned projection W_h, b_h
+err = ((W_h(out.hidden_states[-1]) - targets["hidden"][6][idx]) ** 2).mean(-1)  # (B, N)
+hid_by_hand = (err * w).sum() / w.sum()
+torch.testing.assert_close(distill.hidden_state_loss(out.hidden_states[-1], targets["hidden"][6][idx],
+                                                     projection=W_h, attention_mask=mask_tr[idx]), hid_by_hand)
+print(f"attention KL {attn_pkg.item():.3f}, hidden MSE {hid_by_hand.item():.3f} for an untrained student: "
+      "the package agrees with the formulas")
+
+# %% [markdown]
+# `distill.DistillConfig` holds one weight per term and `distill.Distiller` adds them up
+# (and holds the projections $W_h$, trained with the student):
+#
+# $$\mathcal{L} = w_{soft}\, T^2\, \mathrm{KL} + w_{hard}\, \mathrm{CE} + w_{attn}\, \mathcal{L}_{attn} + w_{hidn}\, \mathcal{L}_{hidn}.$$
+#
+# ## 7. The experiment
+#
+# Every student trains for `student_steps` AdamW steps on batches of the transfer set
+# (the hard-label students only on their `num_labelled` captions), the cross-entropy
+# applied only to the labelled captions. The methods:
+#
+# * **hard labels**: the labelled captions only - no teacher;
+# * **teacher's hard labels**: the teacher's arg-max as a label on every caption (pseudo-labels);
+# * **soft labels (KD)**: $T^2\,\mathrm{KL}$ on every caption + CE on the labelled ones, over the temperatures;
+# * **+ attention**, **+ attention + hidden**: the KD loss plus the two inner terms.
+
+# %%
+A_MAP = {0: 2, student_layers - 1: 5} if student_layers > 1 else {0: 5}  # student block -> teacher block
+H_MAP = {1: 3, student_layers: 6} if student_layers > 1 else {1: 6}  # student state -> teacher state
+pseudo = targets["logits"].argmax(-1)
+pseudo_labels = torch.where(student_labels.to(device) >= 0, student_labels.to(device), pseudo)
+
+
+def train_student(config, seed_, *, labelled_only=False, labels=None):
+    """Train one student with a DistillConfig; returns its test accuracy and the model."""
+    student = make_student(seed_)
+    distiller = distill.Distiller(config, student_dim=student_dim, teacher_dim=384)
+    model = nn.ModuleDict({"student": student, "distiller": distiller})
+    labels = student_labels.to(device) if labels is None else labels
+    n = num_labelled if labelled_only else num_transfer
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_))
+    batches = [perm[i:i + 32] for i in range(0, n, 32)]
+    need_attn, need_hidden = config.attention_weight > 0, config.hidden_weight > 0
+
+    def loss_fn(m, i):
+        o = m["student"](sids_tr[i], mask_tr[i], output_hidden_states=need_hidden, output_attentions=need_attn)
+        t_attn = [targets["attention"][k][i] if k in targets["attention"] else None for k in range(6)]
+        t_hid = [targets["hidden"][k][i] if k in targets["hidden"] else None for k in range(7)]
+        return m["distiller"](o.logits, targets["logits"][i], labels=labels[i],
+                              student_attentions=o.attentions, teacher_attentions=t_attn if need_attn else None,
+                              student_hidden=o.hidden_states, teacher_hidden=t_hid if need_hidden else None,
+                              attention_mask=mask_tr[i]).loss
+
+    fit(model, batches, loss_fn=loss_fn, optimizer=torch.optim.AdamW(model.parameters(), lr=5e-3),
+        config=TrainConfig(max_steps=student_steps, lr=5e-3, warmup_steps=10, device=str(device), progress=False))
+    with torch.no_grad():
+        acc = (student(sids_te, mask_te).logits.argmax(-1) == y_te_d).float().mean().item()
+    return acc, student
+
+
+T_main = 4.0 if 4.0 in sweep else sweep[-1]  # fixed before any run; the sweep shows the others
+methods = {
+    "hard labels": dict(config=distill.DistillConfig(soft_weight=0.0), labelled_only=True),
+    "teacher's hard labels": dict(config=distill.DistillConfig(soft_weight=0.0), labels=pseudo_labels),
+    f"soft labels (T={T_main:g})": dict(config=distill.DistillConfig(temperature=T_main)),
+    "+ attention": dict(config=distill.DistillConfig(temperature=T_main, attention_weight=1.0,
+                                                     attention_layer_map=A_MAP)),
+    "+ attention + hidden": dict(config=distill.DistillConfig(temperature=T_main, attention_weight=1.0,
+                                                              attention_layer_map=A_MAP, hidden_weight=1.0,
+                                                              hidden_layer_map=H_MAP)),
+}
+start = time.perf_counter()
+results, students = {}, {}
+for name, kwargs in methods.items():
+    for s in range(seed, seed + num_seeds):
+        results[(name, s)], students[(name, s)] = train_student(seed_=s, **kwargs)
+sweep_rows = []
+for T_ in sweep:
+    for scaled in (True, False):
+        if scaled and T_ == T_main:
+            acc = results[(f"soft labels (T={T_main:g})", seed)]
+        elif not scaled and T_ == 1:
+            acc = results.get(("sweep", 1.0, True))
+        else:
+            acc, _ = train_student(distill.DistillConfig(temperature=T_, t_squared=scaled), seed)
+        results[("sweep", T_, scaled)] = acc
+        sweep_rows.append({"T": T_, "T^2": "with" if scaled else "without", "accuracy": acc})
+print(f"{len(results)} students trained in {time.perf_counter() - start:.0f} s")
+
+# %%
+table = pd.DataFrame(
+    [{"method": name, "seed": s, "accuracy": results[(name, s)]} for name in methods
+     for s in range(seed, seed + num_seeds)]
+).pivot(index="method", columns="seed", values="accuracy").loc[list(methods)]
+table["mean"] = table.mean(axis=1)
+print(f"test accuracy (teacher: {teacher_acc:.3f}; chance {1 / len(set(y_te.tolist())):.3f})")
+print(table.round(3).to_string())
+sweep_table = pd.DataFrame(sweep_rows).pivot(index="T", columns="T^2", values="accuracy")
+print("\nsoft labels, seed", seed, "- accuracy over the temperature, with and without T^2")
+print(sweep_table.round(3).to_string())
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3))
+for col, style in (("with", "o-"), ("without", "s--")):
+    ax.plot(sweep_table.index, sweep_table[col], style, label=f"{col} $T^2$")
+ax.axhline(table.loc["hard labels", "mean"], color="gray", ls=":", label="hard labels only")
+ax.axhline(teacher_acc, color="tab:red", ls=":", label="teacher")
+ax.set_xscale("log", base=2)
+ax.set_xlabel("temperature T")
+ax.set_ylabel("test accuracy")
+ax.set_title(f"Soft-label distillation, {num_labelled} labelled + {num_transfer - num_labelled} unlabelled captions")
+ax.legend(fontsize=7)
+plt.show()
+
+# %% [markdown]
+# How these numbers read depends on the run (they are printed above, not typed here), but
+# the pattern to look for: the hard-label student, with only `num_labelled` labels, never
+# meets many of the synonyms and is far below the teacher; every student that asks the
+# teacher about the unlabelled captions closes most of that gap. Without $T^2$ the soft
+# term fades as $T$ grows and the student slides back towards the hard-label one; with
+# $T^2$ the temperature matters much less. Whether the inner terms help on top of the soft
+# labels is read from the table: on a task this lexical the soft labels already say most
+# of what the student needs, and two more losses compete for a short training budget.
+# Compare also the teacher's *hard* labels: when the teacher is almost always right, its
+# arg-max carries most of what its distribution does; soft labels matter more where the
+# teacher is unsure or the transfer set is small.
+
+# %%
+kd_name = f"soft labels (T={T_main:g})"
+margins = np.array([results[(kd_name, s)] - results[("hard labels", s)] for s in range(seed, seed + num_seeds)])
+best_kd = max(table.loc[[kd_name, "+ attention", "+ attention + hidden"], "mean"])
+mmcourse.record("hard_label_student_accuracy", float(table.loc["hard labels", "mean"]), at_least=0.1)
+mmcourse.record("kd_student_accuracy", float(table.loc[kd_name, "mean"]), at_least=0.85)
+mmcourse.record("kd_margin_worst_seed", float(margins.min()), at_least=0.5)
+mmcourse.record("best_distilled_accuracy", float(best_kd), at_least=0.85)
+no_t2_drop = float(sweep_table.loc[max(sweep), "with"] - sweep_table.loc[max(sweep), "without"])
+mmcourse.record("t_squared_gain_at_max_T", no_t2_drop, at_least=0.4)
+
+# %% [markdown]
+# ## 8. Accuracy, size and latency
+#
+# Latency is measured, not estimated: each model classifies the same batch of test
+# captions, under `torch.no_grad()`, with `torch.get_num_threads()` threads on this
+# machine; `mmcourse.bench.time_candidates` times them in turn and reports the median.
+# The teacher runs all six blocks from the token ids (the cache was a training trick).
+
+# %%
+from mmcourse.bench import time_candidates
+
+timing = {}
+best_student = students[(kd_name, seed)].eval()
+for batch in (1, 32):
+    ids_b, mask_b = ids_te[:batch].to(device), mask_te[:batch]
+    sids_b = sids_te[:batch]
+    with torch.no_grad():
+        timing[batch] = time_candidates(
+            {"teacher": lambda ids_b=ids_b, mask_b=mask_b: teacher(ids_b, mask_b),
+             "student": lambda sids_b=sids_b, mask_b=mask_b: best_student(sids_b, mask_b)},
+            repeats=5, warmup=2)
+latency = pd.DataFrame({
+    "parameters": [n_teacher, n_student],
+    "test accuracy": [teacher_acc, table.loc[kd_name, "mean"]],
+    "ms, batch 1": [timing[1]["teacher"] * 1e3, timing[1]["student"] * 1e3],
+    "ms, batch 32": [timing[32]["teacher"] * 1e3, timing[32]["student"] * 1e3],
+}, index=["teacher (MiniLM)", f"student ({kd_name})"])
+threads = torch.get_num_threads() if device.type == "cpu" else "n/a"
+print(f"device {device}, {threads} thread(s), {max_length} tokens per caption")
+print(latency.round({"test accuracy": 3, "ms, batch 1": 2, "ms, batch 32": 2}).to_string())
+speedup = timing[32]["teacher"] / timing[32]["student"]
+mmcourse.record("student_speedup_batch32", speedup, at_least=10.0)
+mmcourse.record("parameter_ratio", n_teacher / n_student, at_least=150.0)
+
+# %%
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+accs = [teacher_acc] + [table.loc[name, "mean"] for name in methods]
+labels_ = [f"teacher ({n_teacher / 1e6:.1f} M)"] + [f"{name} ({n_student / 1e3:.0f} k)" for name in methods]
+ax1.barh(range(len(accs)), accs, color=["tab:red"] + ["tab:blue"] * len(methods))
+ax1.set_yticks(range(len(accs)), labels_, fontsize=7)
+ax1.invert_yaxis()
+ax1.set_xlabel("test accuracy")
+ax1.set_title("Accuracy (parameters in brackets)")
+x = np.arange(2)
+for k, (model_name, colour) in enumerate((("teacher", "tab:red"), ("student", "tab:blue"))):
+    ax2.bar(x + (k - 0.5) * 0.35, [timing[1][model_name] * 1e3, timing[32][model_name] * 1e3], 0.35,
+            label=model_name, color=colour)
+ax2.set_xticks(x, ["batch 1", "batch 32"])
+ax2.set_yscale("log")
+ax2.set_ylabel(f"ms per call ({threads} thread(s), log scale)")
+ax2.set_title("Latency, median of timed blocks")
+ax2.legend(fontsize=7)
+plt.show()
+
+# %% [markdown]
+# ## 9. What the student's attention learned
+#
+# Head-averaged attention of the teacher's block 6 (the one the student's last block is
+# mapped to) next to the last block of a student trained with and without attention
+# distillation, for one test caption.
+
+# %%
+i = 0
+n_tok = int(mask_te[i].sum())
+tokens = tokenizer.convert_ids_to_tokens(ids_te[i][:n_tok])
+with torch.no_grad():
+    t_map = teacher(ids_te[i:i + 1].to(device), mask_te[i:i + 1], output_attentions=True).attentions[5]
+    maps = {"teacher, block 6": t_map}
+    for name in (kd_name, "+ attention"):
+        maps[f"student: {name}"] = students[(name, seed)](sids_te[i:i + 1], mask_te[i:i + 1],
+                                                          output_attentions=True).attentions[-1]
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
+for ax, (title, a) in zip(axes, maps.items(), strict=True):
+    ax.imshow(a[0].mean(0)[:n_tok, :n_tok].cpu().numpy(), cmap="viridis", vmin=0)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(range(n_tok), tokens, rotation=90, fontsize=7)
+    ax.set_yticks(range(n_tok), tokens, fontsize=7)
+    ax.set_xlabel("key")
+axes[0].set_ylabel("query")
+plt.show()
+with torch.no_grad():
+    t_attn_te = teacher.forward_from(cache_te["h5"], mask_te, start_layer=5, output_attentions=True).attentions[-1]
+    gap = {name: distill.attention_map_loss(students[(name, seed)](sids_te, mask_te, output_attentions=True).attentions[-1],
+                                            t_attn_te, attention_mask=mask_te).item()
+           for name in (kd_name, "+ attention")}
+print("attention KL to the teacher's block 6 on the test set:", {k: round(v, 3) for k, v in gap.items()})
+mmcourse.record("attention_kl_ratio", gap[kd_name] / gap["+ attention"], at_least=4.0)
+
+# %% [markdown]
+# ## Summary
+#
+# * Distillation trains a small student on the teacher's outputs. The soft-label loss is
+#   $T^2\,\mathrm{KL}(p^{t,T}\,\|\,p^{s,T})$, summed over classes and averaged over the batch
+#   (`reduction="batchmean"`, not `"mean"`, which is $C$ times smaller); the $T^2$ keeps the
+#   soft term's gradient the same size at every temperature.
+# * Soft labels carry structure: the mass a teacher does not give the true class goes to
+#   classes that share a colour or a shape, or to another object of the caption.
+# * The largest gain here comes from the transfer set: the teacher labels captions the
+#   student has no label for. Attention and hidden-state distillation make the student's
+#   inner workings look like the teacher's (the attention KL above); whether that buys
+#   accuracy on top of the soft labels is for the table to say.
+# * The student has about two hundred times fewer parameters and answers many times
+#   faster (section 8 gives both accuracies and the latencies measured on this machine).
+#   A student can even match or beat a cheaply fine-tuned teacher on the test set: it
+#   learns from the teacher's outputs *and* the labels, on a task small enough for it.
+#
+# Next, chapter 10 puts a text decoder on an image encoder: captioning and VQA.
+#
+# ## Exercises
+#
+# Replace each `raise NotImplementedError` (or `...`) with your answer and run the cell;
+# `check()` tells you what is right or wrong. `hint()` and `solution()` help if you are stuck.
+
+# %%
+from mmcourse.exercises.ch09 import q1, q2, q3, q4
+
+
+# Exercise 1: the softened softmax p_i = exp(z_i / T) / sum_j exp(z_j / T) over the last
+# axis of `logits` (any shape (..., C)). Keep it numerically stable for large logits.
+def my_softmax_with_temperature(logits, temperature):
+    raise NotImplementedError  # your code here
+
+
+q1.check(my_softmax_with_temperature)
+
+
+# %%
+# Exercise 2: Hinton's loss for a batch: alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(labels, z_s),
+# the KL summed over classes and averaged over the batch. student_logits, teacher_logits: (B, C); labels: (B,).
+def my_kd_loss(student_logits, teacher_logits, labels, temperature, alpha):
+    raise NotImplementedError  # your code here
+
+
+q2.check(my_kd_loss)
+
+
+# %%
+# Exercise 3: TinyBERT's hidden-state loss: project the student's states (B, N, Ds) with
+# W (Ds, Dt) and b (Dt,), then the squared error to the teacher's (B, N, Dt), averaged over
+# the Dt features and over the real tokens only (mask (B, N): 1 = real token, 0 = padding).
+def my_hidden_state_loss(student_hidden, teacher_hidden, W, b, mask):
+    raise NotImplementedError  # your code here
+
+
+q3.check(my_hidden_state_loss)
+
+# %%
+# Exercise 4: predict before you try. A student is trained with the soft term ALONE
+# (no hard labels), with AdamW, at T = 8. Someone removes the T^2 factor. What happens?
+#   "a": training barely changes: Adam divides each step by the gradient's own scale
+#   "b": the student learns 64 times more slowly
+#   "c": the student now ignores the teacher and fits the labels
+answer = ...  # "a", "b" or "c"
+q4.check(answer)
+
+# %%
+# q1.hint(); q1.solution()
