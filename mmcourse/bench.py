@@ -6,6 +6,24 @@ function that adds its options to an ``argparse`` parser, and a function that ru
 
     python -m mmcourse.bench attention [--device auto] [--lengths 64 128 256 512 1024]
                                        [--repeats 7] [--batch 4] [--dim 256] [--heads 8]
+    python -m mmcourse.bench clip [--device auto] [--batch-sizes 256 1024 2048]
+                                  [--embed-dim 512] [--repeats 7] [--train-batch 128]
+                                  [--width 64] [--layers 2] [--heads 4] [--projection-dim 64]
+                                  [--vocab-size 64] [--text-length 16] [--warmup-steps 3]
+                                  [--lr 1e-3]
+
+``clip`` has two parts. (1) ``mmcourse.contrastive.clip_loss`` against ``transformers``'
+``image_text_contrastive_loss`` on the same (G, E) embeddings, forward + backward, each
+path including the normalisation and the scaled similarity matrix as ``CLIPModel.forward``
+computes them (their values are checked equal first). (2) Training throughput in images/s
+of our :class:`~mmcourse.clip.TinyClip` against a ``transformers`` ``CLIPModel`` built from
+a ``CLIPConfig`` of the same sizes (vision: 32 x 32 images, 8 x 8 patches, ``--width``,
+``--layers``, ``--heads``; text: ``--vocab-size``, the same width, layers and heads,
+``--text-length`` positions; both project to ``--projection-dim``), on the same random
+batch of ``--train-batch`` pairs, with AdamW at ``--lr``, in float32; one timed call is one
+optimiser step. The towers are not identical (ours: a BERT-style text tower with mean
+pooling; CLIP's: a causal text tower pooled at the end token), so the table also gives
+the parameter counts.
 
 Timing: each candidate is first warmed up, then timed in blocks of calls long enough to
 beat the timer's resolution (``torch.utils.benchmark.Timer``, which also synchronises a
@@ -13,7 +31,8 @@ GPU); the candidates of one row are timed **in turn**, block after block, so tha
 slowdown of the machine hits all of them alike, and each reports the **median** block.
 Only the ratios are meant to be compared; on a shared CPU the times wander.
 
-Taught in notebooks/02_attention (the cost of attention); used again in chapter 13.
+Taught in notebooks/02_attention (the cost of attention) and notebooks/15_scaling_out (the
+CLIP loss and training throughput); used again in chapter 13.
 """
 
 from __future__ import annotations
@@ -35,6 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from mmcourse.attention import MultiHeadAttention, fused_attention, scaled_dot_product_attention
+from mmcourse.contrastive import ClipLoss, clip_loss
 from mmcourse.utils import get_device, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -303,6 +323,305 @@ def _attention_main(args: argparse.Namespace) -> None:
     print(format_attention_table(rows))
 
 
+# --- the CLIP benchmark -------------------------------------------------------------------
+
+
+@dataclass
+class ClipLossRow:
+    """Seconds per forward + backward of the CLIP loss on (G, E) embeddings."""
+
+    batch: int  # G, pairs in the batch (the logits are G x G)
+    ours: float  # mmcourse.contrastive.clip_loss
+    transformers: float  # transformers' image_text_contrastive_loss, as in CLIPModel.forward
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.transformers
+
+
+def _time_clip_losses(
+    u: torch.Tensor, v: torch.Tensor, s: torch.Tensor, *, repeats: int, min_block_s: float
+) -> dict[str, float]:
+    """Seconds per forward + backward of our CLIP loss and transformers' on u, v, s."""
+    from transformers.models.clip.modeling_clip import image_text_contrastive_loss
+
+    def theirs_loss() -> torch.Tensor:  # CLIPModel.forward: normalise, s * text @ image^T
+        text, image = F.normalize(v, dim=-1), F.normalize(u, dim=-1)
+        return image_text_contrastive_loss(s * text @ image.T)  # (G, G) text x image
+
+    ours_value, theirs_value = clip_loss(u, v, s), theirs_loss()
+    if not torch.allclose(ours_value, theirs_value, atol=1e-4, rtol=1e-5):
+        raise AssertionError(
+            f"G={u.shape[0]}: our loss {ours_value} != transformers' {theirs_value}"
+        )
+
+    def step(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], Any]:
+        return lambda: torch.autograd.grad(loss_fn(), (u, v, s))
+
+    return time_candidates(
+        {"ours": step(lambda: clip_loss(u, v, s)), "transformers": step(theirs_loss)},
+        repeats=repeats,
+        min_block_s=min_block_s,
+    )
+
+
+def clip_loss_timings(
+    batch_sizes: Sequence[int],
+    *,
+    embed_dim: int = 512,
+    repeats: int = 7,
+    device: str | torch.device = "auto",
+    min_block_s: float = 0.02,
+    seed: int = 0,
+) -> list[ClipLossRow]:
+    """Time our CLIP loss against transformers', forward and backward, over batch sizes.
+
+    Both start from the same unnormalised (G, E) image and text embeddings and a logit
+    scale; transformers' path is ``CLIPModel.forward``'s: normalise, ``s * text @ image^T``,
+    ``image_text_contrastive_loss``. Both values are checked equal before timing.
+
+    Args:
+        batch_sizes: the G to time.
+        embed_dim: E.
+        repeats, min_block_s: see :func:`time_candidates`.
+        device: where to run.
+        seed: for the random embeddings.
+
+    Returns:
+        One :class:`ClipLossRow` per batch size.
+    """
+    for G in batch_sizes:
+        positive_int(batch_size=G)
+    positive_int(embed_dim=embed_dim)
+    device = get_device(device)
+    torch.manual_seed(seed)
+    rows = []
+    for G in batch_sizes:
+        u = torch.randn(G, embed_dim, device=device, requires_grad=True)  # (G, E) images
+        v = torch.randn(G, embed_dim, device=device, requires_grad=True)  # (G, E) texts
+        s = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+        times = _time_clip_losses(u, v, s, repeats=repeats, min_block_s=min_block_s)
+        rows.append(ClipLossRow(batch=G, **times))
+        logger.info("G=%d: %s", G, times)
+    return rows
+
+
+@dataclass
+class ClipTrainingResult:
+    """Training throughput of our tiny CLIP and of transformers' CLIPModel of the same sizes."""
+
+    batch: int  # B, pairs per optimiser step
+    ours_images_per_second: float  # TinyClip + ClipLoss
+    transformers_images_per_second: float  # CLIPModel(return_loss=True)
+    ours_parameters: int  # trainable parameters, the learned logit scale included
+    transformers_parameters: int
+
+
+def clip_training_throughput(
+    *,
+    batch: int = 128,
+    width: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    projection_dim: int = 64,
+    vocab_size: int = 64,
+    text_length: int = 16,
+    lr: float = 1e-3,
+    warmup_steps: int = 3,
+    repeats: int = 5,
+    device: str | torch.device = "auto",
+    min_block_s: float = 0.0,
+    seed: int = 0,
+) -> ClipTrainingResult:
+    """Images per second of one AdamW training step: our TinyClip against transformers' CLIPModel.
+
+    Both models see the same random batch: (B, 3, 32, 32) images and (B, L) token ids
+    ``[CLS] w_1 .. w_{L-2} [SEP]`` (transformers' text tower pools at ``[SEP]``, its
+    ``eos_token_id``). Float32; the steps of the two models are timed in turn.
+
+    Args:
+        batch: B.
+        width, layers, heads: of both towers of both models (FFN width 4 x width).
+        projection_dim: E, the shared embedding width.
+        vocab_size: V (>= 6), L = ``text_length`` (>= 3) tokens per caption.
+        lr: AdamW's learning rate (both).
+        warmup_steps: untimed steps first.
+        repeats, min_block_s: see :func:`time_candidates` (0: one step per block).
+        device: where to run.
+        seed: for the weights and the batch.
+
+    Returns:
+        :class:`ClipTrainingResult`.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    from mmcourse.clip import TinyClip, TinyClipConfig
+
+    positive_int(batch=batch, width=width, layers=layers, heads=heads, repeats=repeats)
+    positive_int(projection_dim=projection_dim, warmup_steps=warmup_steps)
+    positive_float(lr=lr)
+    if width % heads:
+        raise ValueError(f"heads={heads} must divide width={width}")
+    if vocab_size < 6 or text_length < 3:
+        raise ValueError(
+            f"need vocab_size >= 6 and text_length >= 3, got {vocab_size} and {text_length}"
+        )
+    device = get_device(device)
+    torch.manual_seed(seed)
+    ours = TinyClip(
+        TinyClipConfig(
+            embed_dim=projection_dim,
+            vision_dim=width,
+            vision_layers=layers,
+            vision_heads=heads,
+            vocab_size=vocab_size,
+            max_text_length=text_length,
+            text_dim=width,
+            text_layers=layers,
+            text_heads=heads,
+        )
+    ).to(device)
+    ours_loss = ClipLoss().to(device)
+    shared = {
+        "hidden_size": width,
+        "intermediate_size": 4 * width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+    }
+    theirs = CLIPModel(
+        CLIPConfig(
+            vision_config={**shared, "image_size": 32, "patch_size": 8},
+            text_config={
+                **shared,
+                "vocab_size": vocab_size,
+                "max_position_embeddings": text_length,
+                "pad_token_id": 0,
+                "bos_token_id": 2,
+                "eos_token_id": 3,  # our tokenizer's [SEP], where CLIP's text tower pools
+            },
+            projection_dim=projection_dim,
+        )
+    ).to(device)
+    images = torch.rand(batch, 3, 32, 32, device=device)  # (B, 3, 32, 32)
+    words = torch.randint(5, vocab_size, (batch, text_length - 2), device=device)
+    cls = torch.full((batch, 1), 2, device=device)
+    sep = torch.full((batch, 1), 3, device=device)
+    input_ids = torch.cat([cls, words, sep], dim=1)  # (B, L)
+    attention_mask = torch.ones_like(input_ids)
+    text = {"input_ids": input_ids, "attention_mask": attention_mask}
+    ours_params = [*ours.parameters(), *ours_loss.parameters()]
+    ours_optimizer = torch.optim.AdamW(ours_params, lr=lr)
+    theirs_optimizer = torch.optim.AdamW(theirs.parameters(), lr=lr)
+    ours.train()
+    theirs.train()
+
+    def ours_step() -> None:
+        ours_optimizer.zero_grad(set_to_none=True)
+        ours_loss(*ours(images, text)).backward()
+        ours_optimizer.step()
+
+    def theirs_step() -> None:
+        theirs_optimizer.zero_grad(set_to_none=True)
+        out = theirs(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=images,
+            return_loss=True,
+        )
+        out.loss.backward()
+        theirs_optimizer.step()
+
+    times = time_candidates(
+        {"ours": ours_step, "transformers": theirs_step},
+        repeats=repeats,
+        warmup=warmup_steps,
+        min_block_s=max(min_block_s, 1e-9),
+    )
+    return ClipTrainingResult(
+        batch=batch,
+        ours_images_per_second=batch / times["ours"],
+        transformers_images_per_second=batch / times["transformers"],
+        ours_parameters=sum(p.numel() for p in ours_params),
+        transformers_parameters=sum(p.numel() for p in theirs.parameters()),
+    )
+
+
+def _clip_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[256, 1024, 2048], help="G of the loss"
+    )
+    parser.add_argument("--embed-dim", type=int, default=512, help="E of the loss's embeddings")
+    parser.add_argument("--repeats", type=int, default=7, help="timed blocks per candidate")
+    parser.add_argument(
+        "--min-block", type=float, default=0.02, help="seconds per timed block of the loss"
+    )
+    parser.add_argument("--train-batch", type=int, default=128, help="B of the training step")
+    parser.add_argument("--width", type=int, default=64, help="tower width (both towers)")
+    parser.add_argument("--layers", type=int, default=2, help="blocks per tower")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads per block")
+    parser.add_argument("--projection-dim", type=int, default=64, help="shared embedding E")
+    parser.add_argument("--vocab-size", type=int, default=64, help="V of the text towers")
+    parser.add_argument("--text-length", type=int, default=16, help="L tokens per caption")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed training steps")
+    parser.add_argument("--train-repeats", type=int, default=5, help="timed training steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (both)")
+
+
+def _clip_main(args: argparse.Namespace) -> None:
+    device = get_device(args.device)
+    rows = clip_loss_timings(
+        args.batch_sizes,
+        embed_dim=args.embed_dim,
+        repeats=args.repeats,
+        device=device,
+        min_block_s=args.min_block,
+    )
+    print(
+        f"CLIP loss, forward + backward on (G, {args.embed_dim}) embeddings, float32, device "
+        f"{device}, {torch.get_num_threads()} threads, median of {args.repeats} blocks"
+    )
+    print("ratio = our time / transformers' time (< 1: faster than transformers)")
+    header = f"{'G':>6} {'ours ms':>9} {'transformers ms':>16} {'ratio':>7}"
+    print(header + "\n" + "-" * len(header))
+    for row in rows:
+        print(
+            f"{row.batch:>6} {row.ours * 1e3:>9.3f} {row.transformers * 1e3:>16.3f} "
+            f"{row.ratio:>7.2f}"
+        )
+    result = clip_training_throughput(
+        batch=args.train_batch,
+        width=args.width,
+        layers=args.layers,
+        heads=args.heads,
+        projection_dim=args.projection_dim,
+        vocab_size=args.vocab_size,
+        text_length=args.text_length,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        repeats=args.train_repeats,
+        device=device,
+    )
+    print()
+    print(
+        f"CLIP training step (AdamW, float32), B={args.train_batch}, 32x32 images, 8x8 "
+        f"patches, width {args.width}, {args.layers} layers, {args.heads} heads per tower, "
+        f"L={args.text_length}, median of {args.train_repeats} steps"
+    )
+    header = f"{'model':<24} {'parameters':>11} {'images/s':>10}"
+    print(header + "\n" + "-" * len(header))
+    print(
+        f"{'ours (TinyClip)':<24} {result.ours_parameters:>11,} "
+        f"{result.ours_images_per_second:>10.0f}"
+    )
+    print(
+        f"{'transformers CLIPModel':<24} {result.transformers_parameters:>11,} "
+        f"{result.transformers_images_per_second:>10.0f}"
+    )
+    ratio = result.ours_images_per_second / result.transformers_images_per_second
+    print(f"throughput ratio ours / transformers: {ratio:.2f} (> 1: ours trains faster)")
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """One sub-command of ``python -m mmcourse.bench``."""
@@ -317,6 +636,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         help="our attention (reference, fused, MultiHeadAttention) against torch's",
         add_arguments=_attention_arguments,
         main=_attention_main,
+    ),
+    "clip": Benchmark(
+        help="our CLIP loss and tiny CLIP training against transformers' CLIP",
+        add_arguments=_clip_arguments,
+        main=_clip_main,
     ),
 }
 
