@@ -16,9 +16,14 @@ in seconds:
 3. ``train_clip``: AdamW on the towers and the loss's own parameters (the learned logit
    scale, and SigLIP's bias), with bf16 autocast on CUDA.
 4. ``encode_images`` / ``encode_texts``: batched, no-grad embedding for evaluation.
+5. ``FeatureClipConfig`` / ``FeatureClip``: MLP heads on cached features (pixel PCA, a bag of
+   words or frozen text features), a CLIP that trains in a second for chapter 06's sweeps.
+6. ``zero_shot_scores`` (mean or max prompt ensembling), ``multi_positive_clip_loss`` and
+   ``duplicate_loss_floor``: what repeated captions do to the loss (false negatives).
 
 Axis letters: B batch, N tokens, D tower width, E shared embedding width, F frozen text
-feature width, V vocabulary.
+feature width (F_i, F_t: cached image / text features), V vocabulary, H hidden width, C
+classes, T prompts per class.
 
 Taught in notebooks/06_contrastive_learning_and_clip; reused by 07 and 15.
 """
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mmcourse.contrastive import LogitScale
 from mmcourse.encoders import TextEncoder, TextEncoderConfig, ViTConfig, ViTEncoder
 from mmcourse.pretrained import mean_pooling
 from mmcourse.utils import non_negative_int, one_of, positive_float, positive_int
@@ -325,13 +331,14 @@ class ClipHistory:
 
 
 def train_clip(
-    model: TinyClip,
+    model: TinyClip | FeatureClip,
     loss_fn: nn.Module,
     images: Tensor,
     text: dict[str, Tensor] | Tensor,
     *,
     config: ClipTrainConfig | None = None,
     device: torch.device | str | None = None,
+    labels: Tensor | None = None,
 ) -> ClipHistory:
     """Train ``model`` (and ``loss_fn``'s parameters, e.g. the logit scale) on pairs.
 
@@ -341,12 +348,15 @@ def train_clip(
     loss is computed in float32.
 
     Args:
-        model: the :class:`TinyClip` to train (moved to ``device``).
+        model: the :class:`TinyClip` (or :class:`FeatureClip`) to train, moved to ``device``.
         loss_fn: a module mapping (B, E), (B, E) to a scalar; its parameters train too.
-        images: (N, 3, S, S) float images.
+        images: (N, 3, S, S) float images (for a :class:`FeatureClip`, (N, F_i) features).
         text: the N captions, as the tokenizer's dict of (N, L) tensors or (N, F) features.
         config: :class:`ClipTrainConfig`; the defaults if None.
         device: where to train; the model's current device if None.
+        labels: optional (N,) ids passed to the loss as a third argument,
+            ``loss_fn(image_embeds, text_embeds, labels[batch])``, e.g. for
+            :class:`MultiPositiveClipLoss` (equal ids = interchangeable captions).
 
     Returns:
         :class:`ClipHistory`. The model is left in eval mode.
@@ -357,6 +367,8 @@ def train_clip(
         raise ValueError(f"need one caption per image, got {n} images and {_num_rows(text)} texts")
     if config.batch_size > n:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {n} training pairs")
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"expected labels of shape ({n},), got {tuple(labels.shape)}")
     device = next(model.parameters()).device if device is None else torch.device(device)
     model.to(device).train()
     loss_fn.to(device).train()
@@ -396,7 +408,10 @@ def train_clip(
         batch_text = _to(_index_text(text, index), device)
         with autocast:
             image_embeds, text_embeds = model(batch_images, batch_text)
-        loss = loss_fn(image_embeds.float(), text_embeds.float())
+        if labels is None:
+            loss = loss_fn(image_embeds.float(), text_embeds.float())
+        else:
+            loss = loss_fn(image_embeds.float(), text_embeds.float(), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -423,7 +438,9 @@ def train_clip(
 
 
 @torch.no_grad()
-def encode_images(model: TinyClip, images: Tensor, *, batch_size: int = 512) -> Tensor:
+def encode_images(
+    model: TinyClip | FeatureClip, images: Tensor, *, batch_size: int = 512
+) -> Tensor:
     """(N, 3, S, S) images -> (N, E) unit-norm embeddings on the CPU, in batches."""
     model.eval()
     device = next(model.parameters()).device
@@ -436,7 +453,7 @@ def encode_images(model: TinyClip, images: Tensor, *, batch_size: int = 512) -> 
 
 @torch.no_grad()
 def encode_texts(
-    model: TinyClip, text: dict[str, Tensor] | Tensor, *, batch_size: int = 512
+    model: TinyClip | FeatureClip, text: dict[str, Tensor] | Tensor, *, batch_size: int = 512
 ) -> Tensor:
     """Captions (the tokenizer's dict, or (N, F) frozen features) -> (N, E) unit-norm embeddings."""
     model.eval()
@@ -447,3 +464,231 @@ def encode_texts(
         index = torch.arange(i, min(n, i + batch_size))
         out.append(model.encode_text(_to(_index_text(text, index), device)))
     return F.normalize(torch.cat(out).float(), dim=-1).cpu()
+
+
+# --- 5. a CLIP on cached features, for cheap experiments ---------------------------------
+
+
+@dataclass
+class FeatureClipConfig:
+    """Sizes of :class:`FeatureClip`: small heads on precomputed features.
+
+    Taught in notebooks/06_contrastive_learning_and_clip.
+    """
+
+    image_feature_dim: int  # F_i: width of the precomputed image features (e.g. pixel PCA)
+    vocab_size: int = 0  # V > 0: a bag-of-words text encoder over WordTokenizer ids
+    text_feature_dim: int = 0  # F_t > 0 instead: precomputed (frozen) text features, e.g. MiniLM
+    hidden_dim: int = 256  # H: hidden width of both heads
+    embed_dim: int = 64  # E: width of the shared embedding space
+
+    def __post_init__(self) -> None:
+        positive_int(
+            image_feature_dim=self.image_feature_dim,
+            hidden_dim=self.hidden_dim,
+            embed_dim=self.embed_dim,
+        )
+        non_negative_int(vocab_size=self.vocab_size, text_feature_dim=self.text_feature_dim)
+        if (self.vocab_size > 0) == (self.text_feature_dim > 0):
+            raise ValueError(
+                "set exactly one of vocab_size (bag-of-words text) and text_feature_dim "
+                f"(frozen text features), got vocab_size={self.vocab_size} and "
+                f"text_feature_dim={self.text_feature_dim}"
+            )
+
+
+class FeatureClip(nn.Module):
+    """Two MLP heads over cached features: a CLIP that trains in about a second on a CPU.
+
+    The image head maps (B, F_i) features to (B, E); the text head is either a bag of words
+    (the mean of learned word vectors over the caption's tokens, then an MLP) or an MLP on
+    (B, F_t) frozen features. It has the same ``encode_image`` / ``encode_text`` / ``forward``
+    as :class:`TinyClip`, so :func:`train_clip`, :func:`encode_images` and
+    :func:`encode_texts` take it too (with features in place of images).
+
+    Taught in notebooks/06_contrastive_learning_and_clip.
+    """
+
+    def __init__(self, config: FeatureClipConfig) -> None:
+        super().__init__()
+        self.config = config
+        H, E = config.hidden_dim, config.embed_dim
+        self.image_head = nn.Sequential(
+            nn.Linear(config.image_feature_dim, H), nn.GELU(), nn.Linear(H, E)
+        )
+        if config.vocab_size > 0:
+            self.word_embeddings: nn.Embedding | None = nn.Embedding(config.vocab_size, H)
+            self.text_head = nn.Sequential(nn.GELU(), nn.Linear(H, E))
+        else:
+            self.word_embeddings = None
+            self.text_head = nn.Sequential(
+                nn.Linear(config.text_feature_dim, H), nn.GELU(), nn.Linear(H, E)
+            )
+
+    def encode_image(self, features: Tensor) -> Tensor:
+        """(B, F_i) image features -> (B, E)."""
+        if features.dim() != 2 or features.shape[1] != self.config.image_feature_dim:
+            raise ValueError(
+                f"expected image features of shape (B, {self.config.image_feature_dim}), "
+                f"got {tuple(features.shape)}"
+            )
+        return self.image_head(features)
+
+    def encode_text(self, text: dict[str, Tensor] | Tensor) -> Tensor:
+        """The tokenizer's dict (bag of words) or (B, F_t) frozen features -> (B, E)."""
+        if self.word_embeddings is None:
+            if not isinstance(text, Tensor) or text.shape[1:] != (self.config.text_feature_dim,):
+                shape = tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__
+                raise ValueError(
+                    f"expected text features of shape (B, {self.config.text_feature_dim}), "
+                    f"got {shape}"
+                )
+            return self.text_head(text)
+        if not isinstance(text, dict) or "input_ids" not in text:
+            raise ValueError(
+                "the bag-of-words text head takes the tokenizer's dict with input_ids and "
+                f"attention_mask, got {type(text).__name__}"
+            )
+        ids = text["input_ids"]  # (B, N)
+        mask = text.get("attention_mask", torch.ones_like(ids))  # (B, N)
+        bag = mean_pooling(self.word_embeddings(ids), mask)  # (B, H): mean word vector
+        return self.text_head(bag)
+
+    def forward(self, features: Tensor, text: dict[str, Tensor] | Tensor) -> tuple[Tensor, Tensor]:
+        """Returns ``(image_embeds, text_embeds)``, both (B, E), unnormalised."""
+        return self.encode_image(features), self.encode_text(text)
+
+
+# --- 6. zero-shot scores, repeated captions ------------------------------------------------
+
+
+def zero_shot_scores(
+    image_embeds: Tensor, prompt_embeds: Tensor, *, ensemble: str = "mean"
+) -> Tensor:
+    """Cosine scores of N images against C classes, each described by T prompts.
+
+    * ``ensemble="mean"``: CLIP's prompt ensembling (Radford et al. 2021, §3.1.4): average
+      the T unit-norm prompt embeddings of a class, re-normalise, take the cosine. The same
+      scores as ``mmcourse.contrastive.zero_shot_classifier``.
+    * ``ensemble="max"``: a class scores as its best-matching prompt. Better when the
+      prompts of one class describe visibly different images (a *small* circle *on the
+      left*, a *large* one *at the top*), whose mean embedding resembles none of them.
+
+    Args:
+        image_embeds: (N, E) image embeddings (need not be normalised).
+        prompt_embeds: (C, T, E) text embeddings of T prompts for each of C classes.
+        ensemble: ``"mean"`` or ``"max"``.
+
+    Returns:
+        (N, C) scores; ``argmax(-1)`` is the zero-shot prediction.
+
+    Taught in notebooks/06_contrastive_learning_and_clip.
+    """
+    one_of("ensemble", ensemble, ("mean", "max"))
+    if image_embeds.dim() != 2 or prompt_embeds.dim() != 3:
+        raise ValueError(
+            "expected image_embeds (N, E) and prompt_embeds (C, T, E), got "
+            f"{tuple(image_embeds.shape)} and {tuple(prompt_embeds.shape)}"
+        )
+    if image_embeds.shape[1] != prompt_embeds.shape[2]:
+        raise ValueError(
+            f"image_embeds has width {image_embeds.shape[1]} but prompt_embeds has width "
+            f"{prompt_embeds.shape[2]}"
+        )
+    image_embeds = F.normalize(image_embeds, dim=-1)  # (N, E)
+    prompt_embeds = F.normalize(prompt_embeds, dim=-1)  # (C, T, E)
+    if ensemble == "mean":
+        classes = F.normalize(prompt_embeds.mean(dim=1), dim=-1)  # (C, E)
+        return image_embeds @ classes.T  # (N, C)
+    return torch.einsum("ne,cte->nct", image_embeds, prompt_embeds).amax(dim=-1)  # (N, C)
+
+
+def multi_positive_clip_loss(
+    image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | float, labels: Tensor
+) -> Tensor:
+    """The CLIP loss with every pair of equal ``labels`` counted as a positive.
+
+    The identity targets of ``clip_loss`` say that caption j is wrong for image i even when
+    caption j == caption i (a *false negative*). Here the target of row i is spread evenly
+    over the columns with ``labels[j] == labels[i]`` (the soft target of SupCon-style,
+    label-aware contrastive losses), in both directions:
+
+        q_ij = [y_i = y_j] / sum_k [y_i = y_k],   L = -(1/2B) sum_ij q_ij (log p_ij + log p'_ij)
+
+    with p = softmax over the rows of ``s u v^T`` and p' over its columns. With all labels
+    distinct it equals ``clip_loss``.
+
+    Args:
+        image_embeds: (B, D) image embeddings (need not be normalised).
+        text_embeds: (B, D) text embeddings; row i matches ``image_embeds`` row i.
+        logit_scale: s = 1 / tau, already exponentiated.
+        labels: (B,) integer ids; equal ids mark interchangeable captions (e.g. the same text).
+
+    Returns:
+        The scalar loss.
+
+    Taught in notebooks/06_contrastive_learning_and_clip.
+    """
+    if image_embeds.dim() != 2 or image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            "expected two (B, D) embedding batches of the same shape, got "
+            f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
+    if labels.shape != (image_embeds.shape[0],):
+        raise ValueError(
+            f"expected labels of shape ({image_embeds.shape[0]},), got {tuple(labels.shape)}"
+        )
+    image_embeds = F.normalize(image_embeds, dim=-1)
+    text_embeds = F.normalize(text_embeds, dim=-1)
+    logits = logit_scale * image_embeds @ text_embeds.T  # (B, B)
+    same = (labels[:, None] == labels[None, :]).to(logits.dtype)  # (B, B), symmetric
+    targets = same / same.sum(dim=1, keepdim=True)  # (B, B), rows sum to 1
+    image_to_text = -(targets * logits.log_softmax(dim=1)).sum(dim=1)  # (B,)
+    text_to_image = -(targets * logits.T.log_softmax(dim=1)).sum(dim=1)  # (B,)
+    return (image_to_text.mean() + text_to_image.mean()) / 2
+
+
+class MultiPositiveClipLoss(nn.Module):
+    """:func:`multi_positive_clip_loss` with CLIP's learned, clamped logit scale.
+
+    Called as ``loss_fn(image_embeds, text_embeds, labels)``; ``train_clip(..., labels=...)``
+    passes each batch's labels.
+
+    Args:
+        init_scale: initial s = 1 / tau (CLIP: 1 / 0.07), stored as ln(s).
+        max_scale: clamp on s (CLIP: 100).
+
+    Taught in notebooks/06_contrastive_learning_and_clip.
+    """
+
+    def __init__(self, *, init_scale: float = 1 / 0.07, max_scale: float = 100.0) -> None:
+        super().__init__()
+        self.logit_scale = LogitScale(init=init_scale, max_scale=max_scale)
+
+    def forward(self, image_embeds: Tensor, text_embeds: Tensor, labels: Tensor) -> Tensor:
+        """Args: (B, D), (B, D) embeddings and (B,) labels. Returns: the scalar loss."""
+        return multi_positive_clip_loss(image_embeds, text_embeds, self.logit_scale(), labels)
+
+
+def duplicate_loss_floor(labels: Tensor) -> float:
+    """The lowest ``clip_loss`` a batch can reach when some captions repeat.
+
+    Identical captions have identical embeddings, so in row i the k_i columns with caption
+    i's text get equal logits and the diagonal gets at most 1/k_i of the probability: the
+    loss of that row is at least log k_i, in both directions. The floor is mean_i log k_i
+    (0 when every caption is distinct), whatever the model and the temperature. It is also
+    the floor of :func:`multi_positive_clip_loss` with these labels (the entropy of its
+    targets), which with exact copies has the same value and gradient as ``clip_loss``.
+
+    Args:
+        labels: (B,) ids, equal for equal captions.
+
+    Returns:
+        mean_i log k_i, in nats.
+
+    Taught in notebooks/06_contrastive_learning_and_clip.
+    """
+    if labels.dim() != 1 or labels.numel() == 0:
+        raise ValueError(f"expected a non-empty (B,) tensor of labels, got {tuple(labels.shape)}")
+    counts = (labels[:, None] == labels[None, :]).sum(dim=1)  # (B,) k_i
+    return counts.double().log().mean().item()

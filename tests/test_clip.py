@@ -6,14 +6,27 @@ import torch.nn.functional as F
 
 from mmcourse.clip import (
     ClipTrainConfig,
+    FeatureClip,
+    FeatureClipConfig,
+    MultiPositiveClipLoss,
     TinyClip,
     TinyClipConfig,
     WordTokenizer,
+    duplicate_loss_floor,
     encode_images,
     encode_texts,
+    multi_positive_clip_loss,
     train_clip,
+    zero_shot_scores,
 )
-from mmcourse.contrastive import ClipLoss, SigLipLoss, retrieval_metrics
+from mmcourse.contrastive import (
+    ClipLoss,
+    SigLipLoss,
+    clip_loss,
+    retrieval_metrics,
+    zero_shot_classifier,
+    zero_shot_predict,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -184,3 +197,184 @@ def test_trains_under_bf16_autocast_on_cuda():
         model, ClipLoss(), torch.rand(4, 3, 16, 16), tok(CAPTIONS), config=config, device="cuda"
     )
     assert all(torch.isfinite(torch.tensor(history.loss)))
+
+
+# --- chapter 06 additions: FeatureClip, zero-shot scores, repeated captions -------------------
+
+
+def test_feature_clip_shapes_and_errors():
+    tok = WordTokenizer.from_texts(CAPTIONS)
+    bag = FeatureClip(FeatureClipConfig(image_feature_dim=10, vocab_size=len(tok), hidden_dim=8))
+    image_embeds, text_embeds = bag(torch.randn(4, 10), tok(CAPTIONS))
+    assert image_embeds.shape == text_embeds.shape == (4, 64)
+    frozen = FeatureClip(FeatureClipConfig(image_feature_dim=10, text_feature_dim=6, embed_dim=5))
+    assert frozen.encode_text(torch.randn(3, 6)).shape == (3, 5)
+    assert encode_texts(frozen, torch.randn(5, 6), batch_size=2).norm(dim=1).allclose(torch.ones(5))
+    with pytest.raises(ValueError, match="exactly one of vocab_size"):
+        FeatureClipConfig(image_feature_dim=10)
+    with pytest.raises(ValueError, match="exactly one of vocab_size"):
+        FeatureClipConfig(image_feature_dim=10, vocab_size=5, text_feature_dim=6)
+    with pytest.raises(ValueError, match="image_feature_dim"):
+        FeatureClipConfig(image_feature_dim=0, vocab_size=5)
+    with pytest.raises(ValueError, match=r"\(B, 10\)"):
+        bag.encode_image(torch.randn(4, 3, 16, 16))
+    with pytest.raises(ValueError, match="tokenizer's dict"):
+        bag.encode_text(torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"\(B, 6\)"):
+        frozen.encode_text(tok(CAPTIONS))
+
+
+def test_bag_of_words_ignores_padding_and_order():
+    tok = WordTokenizer.from_texts(CAPTIONS)
+    model = FeatureClip(FeatureClipConfig(image_feature_dim=3, vocab_size=len(tok))).eval()
+    alone = model.encode_text(tok(["a red circle"]))
+    padded = model.encode_text(tok(["a red circle", "a blue square on the left"]))[:1]
+    swapped = model.encode_text(tok(["circle red a"]))
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, swapped, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text_kind", ["bag", "frozen"])
+def test_feature_clip_overfits_one_batch(text_kind):
+    torch.manual_seed(0)
+    captions = [
+        f"a {c} {s}" for c in ("red", "blue") for s in ("circle", "square", "cross", "star")
+    ]
+    tok = WordTokenizer.from_texts(captions)
+    features = torch.randn(8, 12)
+    if text_kind == "bag":
+        config = FeatureClipConfig(image_feature_dim=12, vocab_size=len(tok), hidden_dim=32)
+        text = tok(captions)
+    else:
+        config = FeatureClipConfig(image_feature_dim=12, text_feature_dim=7, hidden_dim=32)
+        text = torch.randn(8, 7)
+    model = FeatureClip(config)
+    train_config = ClipTrainConfig(steps=150, batch_size=8, lr=5e-3, warmup_steps=5, progress=False)
+    history = train_clip(model, ClipLoss(), features, text, config=train_config)
+    assert history.loss[-1] < 0.1 * history.loss[0]
+    similarity = encode_images(model, features) @ encode_texts(model, text).T
+    assert retrieval_metrics(similarity)["image_to_text_R@1"] == 1.0
+
+
+def test_zero_shot_scores_mean_matches_the_package_classifier_and_max_is_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    names, templates = ["circle", "square", "cross"], ["a {}", "a small {}", "a {} on the left"]
+    table = {
+        t.format(n): torch.randn(6, generator=gen) * (1 + 3 * torch.rand(1, generator=gen))
+        for n in names
+        for t in templates
+    }
+    encode = lambda texts: torch.stack([table[t] for t in texts])  # noqa: E731
+    images = torch.randn(20, 6, generator=gen)
+    prompts = encode([t.format(n) for n in names for t in templates]).reshape(3, 3, 6)
+    mean = zero_shot_scores(images, prompts, ensemble="mean")
+    classifier = zero_shot_classifier(names, templates, encode)
+    torch.testing.assert_close(mean, F.normalize(images, dim=-1) @ classifier.T)
+    assert torch.equal(mean.argmax(-1), zero_shot_predict(images, classifier))
+    best = zero_shot_scores(images, prompts, ensemble="max")
+    for n in range(20):
+        for c in range(3):
+            cosines = [F.cosine_similarity(images[n], prompts[c, t], dim=0) for t in range(3)]
+            assert best[n, c] == pytest.approx(max(cosines).item(), abs=1e-5)
+    with pytest.raises(ValueError, match="ensemble"):
+        zero_shot_scores(images, prompts, ensemble="median")
+    with pytest.raises(ValueError, match=r"\(C, T, E\)"):
+        zero_shot_scores(images, prompts[:, 0])
+    with pytest.raises(ValueError, match="width"):
+        zero_shot_scores(images, prompts[..., :4])
+
+
+def _multi_positive_loop(u, v, s, labels):
+    """A brute-force loop over rows and columns, straight from the formula."""
+    u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
+    B = len(labels)
+    total = 0.0
+    for i in range(B):
+        positives = [j for j in range(B) if labels[j] == labels[i]]
+        row = torch.stack([s * u[i] @ v[j] for j in range(B)])
+        col = torch.stack([s * v[i] @ u[j] for j in range(B)])
+        for j in positives:
+            total = total - (row[j] - row.logsumexp(0)) / len(positives) / (2 * B)
+            total = total - (col[j] - col.logsumexp(0)) / len(positives) / (2 * B)
+    return total
+
+
+def test_multi_positive_loss_equals_a_loop_and_clip_loss_in_value_and_gradient():
+    gen = torch.Generator().manual_seed(2)
+    u = torch.randn(7, 5, generator=gen, requires_grad=True)
+    v = torch.randn(7, 5, generator=gen, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3])
+    for lab in (labels, torch.arange(7)):
+        ours = multi_positive_clip_loss(u, v, 12.0, lab)
+        loop = _multi_positive_loop(u, v, 12.0, lab)
+        torch.testing.assert_close(ours, loop, atol=1e-5, rtol=1e-5)
+        for a, b in zip(
+            torch.autograd.grad(ours, (u, v)), torch.autograd.grad(loop, (u, v)), strict=True
+        ):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    distinct = multi_positive_clip_loss(u, v, 12.0, torch.arange(7))
+    plain = clip_loss(u, v, 12.0)
+    torch.testing.assert_close(distinct, plain, atol=1e-6, rtol=1e-6)
+    for a, b in zip(
+        torch.autograd.grad(distinct, (u, v)), torch.autograd.grad(plain, (u, v)), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"labels of shape \(7,\)"):
+        multi_positive_clip_loss(u, v, 12.0, labels[:3])
+    with pytest.raises(ValueError, match="same shape"):
+        multi_positive_clip_loss(u, v[:3], 12.0, labels)
+
+
+def test_exact_repeats_only_shift_the_loss():
+    """With identical captions (identical text embeddings), the identity-target loss equals
+    the multi-positive loss, and is bounded below by mean log k."""
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0, 1, 0, 2, 0, 1])
+    text_bank = torch.randn(3, 4, generator=gen)
+    v = text_bank[labels].clone().requires_grad_()
+    u = torch.randn(6, 4, generator=gen, requires_grad=True)
+    ours = clip_loss(u, v, 20.0)
+    label_aware = multi_positive_clip_loss(u, v, 20.0, labels)
+    torch.testing.assert_close(ours, label_aware, atol=1e-6, rtol=1e-6)
+    gu, gv = torch.autograd.grad(ours, (u, v))
+    mu, mv = torch.autograd.grad(label_aware, (u, v))
+    torch.testing.assert_close(gu, mu, atol=1e-6, rtol=1e-6)
+    summed = lambda g: torch.zeros(3, 4).index_add_(0, labels, g)  # noqa: E731
+    torch.testing.assert_close(summed(gv), summed(mv), atol=1e-6, rtol=1e-6)
+    floor = duplicate_loss_floor(labels)
+    assert floor == pytest.approx(
+        (3 * torch.log(torch.tensor(3.0)) + 2 * torch.log(torch.tensor(2.0))).item() / 6
+    )
+    assert ours.item() >= floor
+    perfect = clip_loss(text_bank[labels], text_bank[labels] * 1.0, 100.0)  # aligned, sharp
+    bank = F.normalize(torch.eye(3), dim=-1)[labels]  # orthogonal captions, perfectly aligned
+    assert clip_loss(bank, bank, 100.0).item() == pytest.approx(floor, abs=1e-4)
+    assert perfect.item() >= floor - 1e-6
+    assert duplicate_loss_floor(torch.arange(5)) == 0.0
+    with pytest.raises(ValueError, match="non-empty"):
+        duplicate_loss_floor(torch.tensor([]))
+
+
+def test_train_clip_passes_labels_to_a_multi_positive_loss():
+    torch.manual_seed(0)
+    captions = ["a red circle", "a blue square", "a red circle", "a green cross"] * 2
+    tok = WordTokenizer.from_texts(captions)
+    labels = torch.tensor([0, 1, 0, 2] * 2)
+    model = FeatureClip(FeatureClipConfig(image_feature_dim=6, vocab_size=len(tok), hidden_dim=16))
+    features = torch.randn(3, 6)[labels] + 0.01 * torch.randn(8, 6)
+    config = ClipTrainConfig(steps=100, batch_size=8, lr=5e-3, warmup_steps=5, progress=False)
+    history = train_clip(
+        model, MultiPositiveClipLoss(), features, tok(captions), config=config, labels=labels
+    )
+    # the targets spread over k copies have entropy log k: the same floor as the CLIP loss
+    assert history.loss[-1] < duplicate_loss_floor(labels) + 0.05 < history.loss[0]
+    assert len(history.logit_scale) == 100
+    with pytest.raises(ValueError, match=r"labels of shape \(8,\)"):
+        train_clip(
+            model,
+            MultiPositiveClipLoss(),
+            features,
+            tok(captions),
+            config=config,
+            labels=labels[:3],
+        )
