@@ -630,6 +630,12 @@ def run_clip_training(
                 "local_loss without gather_with_grad: the gradients of this process's "
                 "embeddings from the other processes' rows are lost - training differs"
             )
+        if not config.local_loss and not config.gather_with_grad and W > 1:
+            logger.warning(
+                "full (G, G) loss without gather_with_grad (open_clip's default): the towers' "
+                "gradients are 1/W of the single-process ones after DDP's average - Adam's "
+                "step is nearly unchanged, but gradient clipping and SGD are not"
+            )
         loss_fn: nn.Module = ClipLoss(
             local_loss=config.local_loss,
             gather_with_grad=config.gather_with_grad,

@@ -96,17 +96,21 @@ print("this kernel computes on", device, "| torchrun processes on", run_device)
 # %% [markdown]
 # ## 1. The idea: one replica per process, and a batch that must be put back together
 #
-# With data parallelism, W processes each hold an identical **replica** of the model. Each
-# step, the global batch of G pairs is cut into W local batches of B = G / W; process r
-# (its **rank**, 0 … W-1) runs forward and backward on its slice; an **all-reduce**
-# (全归约) then averages the gradients over the processes, so that every replica takes the
-# same optimiser step and the replicas stay identical.
+# With data parallelism, W processes each hold an identical **replica** (副本) of the model.
+# Each step, the global batch of G pairs is cut into W local batches of B = G / W; process r
+# (its **rank** (进程序号), 0 … W-1) runs forward and backward on its slice; an
+# **all-reduce** (全归约) then averages the gradients over the processes, so that every
+# replica takes the same optimiser step and the replicas stay identical. (This "rank" is a
+# process's number, nothing to do with the rank r of a LoRA update in chapter 08.)
 #
 # CLIP adds one communication step before the loss: an **all-gather** (全收集) of the
-# embeddings, so that every process sees all G image and all G text embeddings. Process r
-# then scores its own B images against all G texts (and its B texts against all G images):
-# a B × G strip of the G × G similarity matrix. The correct text of its i-th image sits at
-# column r·B + i - the targets are **offset by rank**.
+# embeddings. Each process's towers turn its B pairs into B image and B text embeddings of
+# width E (U_r and V_r, both B × E); after the gather every process holds all G image and
+# all G text embeddings (U and V, G × E). Process r then scores its own B images against all
+# G texts (and its B texts against all G images): a B × G strip of the G × G similarity
+# matrix. Counting from 0, its local pair i (i = 0 … B-1) is pair r·B + i of the global
+# batch, so the correct text of its image i sits at column r·B + i - the targets are
+# **offset by rank**.
 
 # %%
 W_fig, B_fig = 4, 3
@@ -149,7 +153,8 @@ for r in range(W_fig):
     grid[r * B_fig:(r + 1) * B_fig] = r + 1
 stripes = plt.matplotlib.colors.ListedColormap(["white", *[(*colours[r], 0.35) for r in range(W_fig)]])
 ax1.imshow(grid, cmap=stripes, vmin=0, vmax=W_fig)
-ax1.scatter(np.arange(G_fig), np.arange(G_fig), marker="s", s=40, c="k", label="target of row i: column i = r·B + local i")
+ax1.scatter(np.arange(G_fig), np.arange(G_fig), marker="s", s=40, c="k",
+            label="target of row r·B + i (rank r, local pair i): column r·B + i")
 ax1.set_yticks([r * B_fig + (B_fig - 1) / 2 for r in range(W_fig)], [f"rank {r}" for r in range(W_fig)])
 ax1.set_xlabel("text j (gathered from all processes)")
 ax1.set_ylabel("image rows, B per process")
@@ -160,33 +165,37 @@ plt.show()
 # %% [markdown]
 # ## 2. The math: why the contrastive loss needs the gather
 #
-# **A per-example loss splits.** If $L(\theta) = \frac1G \sum_{i=1}^{G} \ell_i(\theta)$ and
-# each process gets B = G / W examples, with $L_r = \frac1B\sum_{i \in r} \ell_i$,
+# Indices count from 0 throughout: pair i = 0 … G-1 of the global batch, and process r's
+# local pair i (i = 0 … B-1) is global pair r·B + i.
+#
+# **A per-example loss splits.** If $L(\theta) = \frac1G \sum_{i=0}^{G-1} \ell_i(\theta)$ and
+# each process gets B = G / W examples, with $L_r = \frac1B\sum_{i=0}^{B-1} \ell_{rB+i}$,
 # then $L = \frac1W \sum_r L_r$ and
 # $$\nabla L = \frac1W \sum_{r=0}^{W-1} \nabla L_r,$$
 # exactly the average that DDP's all-reduce computes. Nothing else is needed.
 #
 # **The CLIP loss does not split.** With L2-normalised embeddings $u_i$, $v_j$ and logit
 # scale $s = 1/\tau$ (chapter 06),
-# $$\ell_i = -\tfrac12\Big[\log \frac{e^{s\,u_i\cdot v_i}}{\sum_{j=1}^{G} e^{s\,u_i\cdot v_j}}
-#  + \log \frac{e^{s\,v_i\cdot u_i}}{\sum_{j=1}^{G} e^{s\,v_i\cdot u_j}}\Big],$$
+# $$\ell_i = -\tfrac12\Big[\log \frac{e^{s\,u_i\cdot v_i}}{\sum_{j=0}^{G-1} e^{s\,u_i\cdot v_j}}
+#  + \log \frac{e^{s\,v_i\cdot u_i}}{\sum_{j=0}^{G-1} e^{s\,v_i\cdot u_j}}\Big],$$
 # and the denominators run over the **whole batch**: $\ell_i$ depends on every other pair.
 # A process that computes CLIP on its own slice uses B - 1 negatives per pair instead of
 # G - 1: a different (easier) objective.
 #
 # **With the gather.** Process r gathers $U = [U_0; \dots; U_{W-1}]$ and $V$ (both G × E),
 # and computes for its own rows
-# $$L_r = \frac{1}{2B}\sum_{i=1}^{B}\Big[\mathrm{CE}\big(s\,u_{rB+i} V^\top,\ rB+i\big)
+# $$L_r = \frac{1}{2B}\sum_{i=0}^{B-1}\Big[\mathrm{CE}\big(s\,u_{rB+i} V^\top,\ rB+i\big)
 #  + \mathrm{CE}\big(s\,v_{rB+i} U^\top,\ rB+i\big)\Big],
 # \qquad L = \frac1W\sum_r L_r .$$
 # This is `ClipLoss(local_loss=True)`: a B × G matrix per process instead of G × G.
 #
-# **The gradient.** Embedding $u_j$ of process r appears as a *negative* in the rows of
-# every other process. Its full gradient $\partial L / \partial u_j$ therefore has a term
-# from each process, and those terms are computed on the other processes. The all-gather
-# must pass gradients back: its backward sums, over processes, the gradient each one holds
-# for the slice of process r, and hands the sum to r (a reduce-scatter). That is
-# `gather_with_grad=True`.
+# **The gradient.** Every embedding plays two parts. Image embedding $u_j$ is a *row* - its
+# own image → text softmax, on the process that owns it - and a *column*: a candidate in
+# the text → image softmax of every one of the G texts, rows that live on all W processes,
+# its owner's included. $\partial L / \partial u_j$ sums both parts, and each column term
+# is computed where its row is. So the all-gather must pass gradients back: its backward
+# sums, over processes, the gradient each one holds for the slice of process q and hands
+# the sum to q (a **reduce-scatter** (归约分散)). That is `gather_with_grad=True`.
 #
 # Below, W processes are **simulated in this one kernel** (the gather is a concatenation)
 # to check each claim against the single-process `clip_loss` of chapter 06.
@@ -197,8 +206,9 @@ from mmcourse.contrastive import ClipLoss, clip_loss
 W, B, E = 4, 8, 16  # processes, local batch, embedding width (a small example)
 G = W * B
 gen = torch.Generator().manual_seed(seed)
-U = F.normalize(torch.randn(G, E, generator=gen), dim=-1).requires_grad_(True)  # (G, E) images
-V = F.normalize(torch.randn(G, E, generator=gen) + 0.8 * U.detach(), dim=-1).requires_grad_(True)  # (G, E) texts
+U = F.normalize(torch.randn(G, E, generator=gen), dim=-1)  # (G, E) images
+V = F.normalize(torch.randn(G, E, generator=gen) + 0.8 * U, dim=-1)  # (G, E) texts
+U, V = U.to(device).requires_grad_(True), V.to(device).requires_grad_(True)
 s = 10.0  # logit scale
 
 
@@ -209,10 +219,19 @@ def rank_share(U, V, s, rank, W, *, gather_with_grad=True, offset_labels=True):
     rows = slice(rank * B, (rank + 1) * B)
     u_r, v_r = U[rows], V[rows]  # (B, E): this process's own embeddings
     all_u, all_v = (U, V) if gather_with_grad else (U.detach(), V.detach())  # the all-gather, (G, E)
-    labels = torch.arange(B) + (rank * B if offset_labels else 0)  # (B,): columns r*B + i
+    labels = torch.arange(B, device=U.device) + (rank * B if offset_labels else 0)  # (B,): columns r*B + i
     logits_per_image = s * u_r @ all_v.T  # (B, G)
     logits_per_text = s * v_r @ all_u.T  # (B, G)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def full_matrix_copy(U, V, s, rank, W):
+    """open_clip's default on process `rank`: the whole (G, G) loss, gathered copies without
+    gradient except its own slice, put back with gradient (local_loss=False, gather_with_grad=False)."""
+    B = U.shape[0] // W
+    live = torch.zeros(U.shape[0], 1, dtype=torch.bool, device=U.device)
+    live[rank * B:(rank + 1) * B] = True  # (G, 1): this process's rows
+    return clip_loss(torch.where(live, U, U.detach()), torch.where(live, V, V.detach()), s)
 
 
 full = clip_loss(U, V, s)  # chapter 06: one process, the whole (G, G) matrix
@@ -228,36 +247,65 @@ print(f"negatives per pair: {B - 1} locally, {G - 1} with the gather")
 # The gathered shares give back the single-process loss; the local-only losses do not
 # (they are lower: B - 1 negatives are easier to beat than G - 1).
 #
-# Now the gradients. In the real run each process back-propagates its own $L_r$, DDP
-# averages over processes: the update direction is $\frac1W \sum_r \nabla L_r$ where the
-# gradient of $L_r$ reaches the other processes' embeddings *only if* the gather carries
-# gradients. In the simulation, a gather without gradient is a `detach()`.
+# Now the gradients. In the real run each process back-propagates its own loss and DDP
+# averages the weight gradients over the processes, so in the simulation the update
+# follows the gradient of the *mean* of the W processes' losses. A gather without
+# gradient is a `detach()`. Three set-ups, each compared with the single-process
+# gradient $\nabla L$: the best multiple $c$ (the $c$ that makes $c\,\nabla L$ closest to the
+# set-up's gradient $g$), the error of $g$ against $\nabla L$ and against $c\,\nabla L$
+# (largest absolute difference over the largest entry of $\nabla L$).
 
 # %%
 (true_grad,) = torch.autograd.grad(full, U)
-results = {}
-for name, kwargs in {"gather_with_grad=True": {}, "gather_with_grad=False": {"gather_with_grad": False}}.items():
-    ddp_loss = torch.stack([rank_share(U, V, s, r, W, **kwargs) for r in range(W)]).mean()  # DDP's average
+gather_setups = {  # name: process r's loss
+    "local_loss, gather_with_grad=True": lambda r: rank_share(U, V, s, r, W),
+    "local_loss, gather_with_grad=False": lambda r: rank_share(U, V, s, r, W, gather_with_grad=False),
+    "full G x G, own slice with gradient": lambda r: full_matrix_copy(U, V, s, r, W),
+}
+factors, errors, scaled_errors = {}, {}, {}
+relative = lambda g, ref: ((g - ref).abs().max() / true_grad.abs().max()).item()  # noqa: E731
+print(f"{'':<36} {'best c':>7} {'error vs grad L':>16} {'error vs c grad L':>18}")
+for name, loss_of_rank in gather_setups.items():
+    ddp_loss = torch.stack([loss_of_rank(r) for r in range(W)]).mean()  # what DDP's average follows
     (grad,) = torch.autograd.grad(ddp_loss, U)
-    results[name] = (grad - true_grad).abs().max().item() / true_grad.abs().max().item()
-    print(f"{name:<24} largest gradient error, relative: {results[name]:.2e}")
-assert results["gather_with_grad=True"] < 1e-5 and results["gather_with_grad=False"] > 0.1
+    factors[name] = ((grad * true_grad).sum() / true_grad.square().sum()).item()  # least squares
+    errors[name], scaled_errors[name] = relative(grad, true_grad), relative(grad, factors[name] * true_grad)
+    print(f"{name:<36} {factors[name]:>7.4f} {errors[name]:>16.1e} {scaled_errors[name]:>18.1e}")
+print(f"1 / W = {1 / W:.4f}")
+exact, lost, open_clip_default = gather_setups  # the three names, in order
+assert abs(factors[exact] - 1) < 1e-5 and errors[exact] < 1e-5  # the single-process gradient
+assert errors[lost] > 0.1 and scaled_errors[lost] > 1e-2  # neither the gradient nor a multiple
+assert abs(factors[open_clip_default] - 1 / W) < 1e-5 and scaled_errors[open_clip_default] < 1e-5  # grad L / W
 
 wrong_labels = rank_share(U, V, s, 1, W, offset_labels=False)
 print(f"rank 1's share with targets offset by rank: {shares[1].item():.3f}; "
       f"with arange(B) (no offset): {wrong_labels.item():.3f}")
 
 # %% [markdown]
-# Without the gradient through the gather, each process only learns from its own rows:
-# the gradient that pushes its embeddings away from *other* processes' captions is lost,
-# and the relative error above is of order one. With it the error is at float precision.
+# Three different answers:
+#
+# * **`local_loss` with `gather_with_grad`** gives the single-process gradient, to float
+#   precision.
+# * **`local_loss` without it** keeps only each embedding's part as a *row*: the gathered
+#   copies are constants, so the gradient each embedding receives as a *column* - a
+#   candidate in the other rows' softmax, its own process's text → image rows included -
+#   is lost. What is left is about half the true gradient here, and not a multiple of it:
+#   even against the best multiple the error is far above rounding. Training silently
+#   follows a different direction.
+# * **open_clip's default** (`local_loss=False`, `gather_with_grad=False`) builds the whole
+#   G × G matrix on every process and puts its own slice back with gradient: each process
+#   gets the exact gradient of the *whole* loss for its own embeddings, and DDP's average
+#   then divides it by W. The result is exact up to a factor 1/W (printed above) - harmless
+#   for Adam, which divides every gradient by its own running scale (up to its eps), but
+#   not for SGD's step size or a gradient-clipping threshold. (The logit scale is not
+#   gathered: every process computes its full gradient, and the average keeps it at 1 x.)
+#   And every process pays for the G × G matrix. `tests/test_contrastive.py` checks the
+#   same factors with two real `gloo` processes.
 #
 # > **Common pitfall: forgetting `gather_with_grad`.** `torch.distributed.all_gather`
-# > has no backward: the gathered tensors are constants. open_clip's default
-# > (`gather_with_grad=False`, `local_loss=False`) is still exact, because every process
-# > builds the full G × G matrix and puts its *own* slice back with gradient - but then each
-# > process pays G × G memory. The memory-saving `local_loss=True` needs
-# > `gather_with_grad=True`, or training silently follows a different gradient.
+# > has no backward: the gathered tensors are constants. The memory-saving
+# > `local_loss=True` needs `gather_with_grad=True` (in open_clip; here `ClipLoss`'s
+# > argument of the same name), or training silently follows a different gradient.
 #
 # > **Common pitfall: targets not offset by rank.** Process r's pairs sit at rows and
 # > columns r·B … r·B + B - 1 of the gathered batch. With `torch.arange(B)` as targets,
@@ -281,7 +329,9 @@ print(f"rank 1's share with targets offset by rank: {shares[1].item():.3f}; "
 # * only rank 0 logs and writes the results: per-step losses and a checksum of the final
 #   weights as JSON, the weights themselves with `--save-weights`.
 #
-# The command (run here from Python; in a terminal, type it after `torchrun`):
+# The cell below starts it from Python, as `python -m torch.distributed.run` (the module
+# behind the `torchrun` command) and prints it as a `torchrun` line: to run it yourself, run
+# the printed line in a terminal (drop `--master_port …`; torchrun then uses its default).
 
 # %%
 from mmcourse.distributed import ScalingConfig, run_clip_training
@@ -353,6 +403,8 @@ table = pd.DataFrame({
 print(table.to_string(float_format=lambda x: f"{x:.2e}"))
 print(f"\nloss: {loss_1[0]:.3f} at step 1 -> {loss_1[-1]:.3f} at step {steps} (ln G = {math.log(batch_size):.3f} is chance)")
 print("checksums (sum of all weights):", f"{single['checksum']['sum']:.5f} (W=1) vs {ddp['checksum']['sum']:.5f} (W={world_size})")
+print(f"throughput: {single['images_per_second']:.0f} images/s with 1 process, {ddp['images_per_second']:.0f} with "
+      f"{world_size} ({run_device}, {cpu_threads or 'default'} thread(s) each); os.cpu_count() = {os.cpu_count()}")
 
 # %%
 fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -379,17 +431,57 @@ mmcourse.record("images_per_second_torchrun", round(ddp["images_per_second"]))
 
 # %% [markdown]
 # The two curves lie on top of each other: the per-step losses differ only in the last
-# digits of float32, and so do the final weights - with one instructive exception. The
-# bias of the attention **keys** has a gradient of exactly zero in exact arithmetic
-# ($q \cdot (k_j + b)$ adds the same $q \cdot b$ to every score of a row, which the
-# softmax ignores). What reaches it is rounding noise, different in each run, and Adam
-# divides every gradient by its own running scale, turning that noise into steps of
-# about the learning rate. The table shows those biases are pure noise in *both* runs.
+# digits of float32, and so do the final weights - with one instructive exception, the
+# keys' biases, explained below the next cell.
 #
-# The throughput numbers are honest too: on a shared 2-core CPU two processes are not
-# faster than one - this tiny model spends most of its time in communication and
-# Python. The point of the run is that the numbers are the same; the speed-up comes on
-# GPUs, where each process has its own device.
+# Both curves also sit near ln G for the first couple of dozen steps before they fall. That
+# is the initialisation: the fresh image tower maps every image to almost the same
+# direction, so each text's logits over the images are nearly equal, and it takes some
+# steps before the towers tell images apart. The logit scale is not the cause: it barely
+# moves from its initial 1/0.07. The next cell prints all three: the mean cosine between
+# different images' initial embeddings, the first step clearly below ln G, and the scale.
+
+# %%
+from mmcourse.distributed import ClipWithLoss, build_data, build_model, global_batch_indices
+
+images_all, text_all, tokenizer = build_data(config)  # the data of both runs
+probe = ClipWithLoss(build_model(config, len(tokenizer), seed=seed), ClipLoss()).to(device)  # their initial weights
+index = next(global_batch_indices(num_pairs, batch_size, 1, seed=seed))  # (G,): step 1's global batch
+batch = (images_all[index].to(device), {k: v[index].to(device) for k, v in text_all.items()})
+with torch.no_grad():
+    u0 = F.normalize(probe.model(*batch)[0], dim=-1)  # (G, E) image embeddings
+off_diagonal = ~torch.eye(batch_size, dtype=torch.bool, device=device)
+print(f"initial weights: mean cosine between different images' embeddings = {(u0 @ u0.T)[off_diagonal].mean().item():.4f}")
+below_chance = np.flatnonzero(loss_1 < math.log(batch_size) - 0.05)
+print(f"first step with a loss below ln G - 0.05: {below_chance[0] + 1 if len(below_chance) else 'none'}")
+print(f"logit scale s = 1/tau: {single['logit_scale'][0]:.2f} after step 1, {single['logit_scale'][-1]:.2f} after step {steps}")
+
+probe.load_state_dict({k: v.to(device) for k, v in single_weights.items()})  # the one-process run's final weights
+probe(*batch).backward()
+key_grad = max(p.grad.abs().max().item() for n, p in probe.named_parameters() if n.endswith("k_proj.bias"))
+other_grad = max(p.grad.abs().max().item() for n, p in probe.named_parameters() if not n.endswith("k_proj.bias"))
+adam_eps = torch.optim.AdamW([torch.zeros(1)]).defaults["eps"]  # train_clip_distributed's optimiser
+key_bias = max(single_weights[k].abs().max().item() for k in zero_grad_names)
+print(f"largest gradient on step 1's batch, final weights: keys' biases {key_grad:.1e}, "
+      f"all other weights {other_grad:.1e}; Adam's eps = {adam_eps:.0e}")
+print(f"largest key bias after {steps} steps: {key_bias:.2e} = {key_bias / config.lr:.2f} x the peak learning rate {config.lr:g}")
+
+# %% [markdown]
+# The bias of the attention **keys** has a gradient of exactly zero in exact arithmetic
+# ($q \cdot (k_j + b)$ adds the same $q \cdot b$ to every score of a row, which the
+# softmax ignores). What reaches it is rounding noise, different in each run and many
+# orders of magnitude below the other gradients (printed above). Adam divides each
+# gradient by its running scale $\sqrt{\hat v} + \epsilon$, so its normalisation amplifies
+# that noise - up to its eps: a gradient of the size of eps or smaller moves a weight by
+# only a fraction of the learning rate per step. After all the steps the largest key bias
+# is the value printed above, about a tenth of the peak learning rate in total: small, but
+# far above the noise that produced it, and different in each run. The table shows those
+# biases are pure noise in *both* runs.
+#
+# The throughput numbers are honest too (printed together above, with the machine's CPU
+# count): on a CPU two processes are not faster than one - this tiny model spends most of
+# its time in communication and Python. The point of the run is that the numbers are the
+# same; the speed-up comes on GPUs, where each process has its own device.
 #
 # > **Common pitfall: different seeds on different ranks.** Seeding each process with
 # > `seed + rank` is right for dropout or augmentation, but the *batch order* must come
@@ -399,7 +491,7 @@ mmcourse.record("images_per_second_torchrun", round(ddp["images_per_second"]))
 # > never seen in the epoch.
 
 # %%
-from mmcourse.distributed import global_batch_indices, split_global_batch
+from mmcourse.distributed import split_global_batch
 
 one_epoch = num_pairs // batch_size
 for name, seeds in (("same seed", [seed] * world_size), ("seed + rank", [seed + r for r in range(world_size)])):
@@ -419,7 +511,7 @@ for name, seeds in (("same seed", [seed] * world_size), ("seed + rank", [seed + 
 # > even perfect embeddings cannot get the loss below ln W.
 
 # %%
-perfect = torch.eye(16)[:B]  # B orthonormal embeddings: image i == text i, nothing else similar
+perfect = torch.eye(16, device=device)[:B]  # B orthonormal embeddings: image i == text i, nothing else similar
 distinct = clip_loss(perfect, perfect, 100.0)
 repeated = clip_loss(perfect.repeat(W, 1), perfect.repeat(W, 1), 100.0)  # every process the same B pairs
 print(f"perfect embeddings, distinct pairs: L = {distinct.item():.4f}")
@@ -430,7 +522,7 @@ print(f"perfect embeddings, each pair W = {W} times: L = {repeated.item():.4f} (
 #
 # Nothing in `mmcourse.distributed` is specific to the CPU. On GPUs the same module picks
 # the `nccl` backend and puts process `LOCAL_RANK` on GPU `LOCAL_RANK`; one process per GPU
-# is the rule. These commands are **not run here** (this machine has no GPU):
+# is the rule. These commands are **not run by this notebook** (they need the GPUs):
 #
 # ```bash
 # # one machine with 8 GPUs: 8 processes, a global batch of 4096 (512 per GPU)
@@ -439,7 +531,7 @@ print(f"perfect embeddings, each pair W = {W} times: L = {repeated.item():.4f} (
 #     --out result.json
 #
 # # two machines with 8 GPUs each: the same command on both, node_rank 0 and 1;
-# # host0 (node 0) runs the rendezvous that the processes use to find each other
+# # host0 (node 0) hosts the rendezvous, where the processes find each other
 # torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_endpoint host0:29500 \
 #     -m mmcourse.distributed --device cuda --batch-size 8192 ...      # on host0
 # torchrun --nnodes 2 --node_rank 1 --nproc_per_node 8 --rdzv_endpoint host0:29500 \
@@ -450,6 +542,8 @@ print(f"perfect embeddings, each pair W = {W} times: L = {repeated.item():.4f} (
 #     --rdzv_endpoint host0:29500 --rdzv_id clip15 -m mmcourse.distributed ...
 # ```
 #
+# The **rendezvous** (会合) is the meeting point, one `host:port`, where all processes of
+# a run register before the first collective operation.
 # `WORLD_SIZE` is then 16 and `RANK` runs over 0 … 15, while `LOCAL_RANK` (0 … 7) picks
 # the GPU on each machine. With `--precision auto` the towers run in bf16 autocast on
 # CUDA and the loss in float32; with bf16 and GPU kernels that are not bitwise
@@ -458,8 +552,9 @@ print(f"perfect embeddings, each pair W = {W} times: L = {repeated.item():.4f} (
 #
 # What grows with the number of processes is the **similarity matrix**. Every process
 # holds the gathered G × E embeddings (small: G · E numbers) and a logits matrix:
-# G × G without `local_loss`, B × G with it, per direction. For CLIP's batch of
-# 32,768 on 256 GPUs:
+# G × G without `local_loss`, B × G with it, per direction. Memory here is counted in
+# binary units throughout: 1 MiB = 2²⁰ bytes, 1 GiB = 2³⁰ bytes. For CLIP's batch of
+# 32,768 on 256 GPUs, and a few other set-ups:
 
 # %%
 def logits_bytes(G: int, W: int, local_loss: bool, bytes_per_element: int = 4) -> int:
@@ -473,9 +568,9 @@ setups = [("CLIP paper: 32k on 256 GPUs", 32768, 256), ("32k on 8 GPUs", 32768, 
 rows = []
 for name, G_s, W_s in setups:
     rows.append({"setup": name, "G": G_s, "W": W_s, "B = G/W": G_s // W_s,
-                 "G x G fp32 (MB)": logits_bytes(G_s, W_s, False) / 1e6,
-                 "B x G fp32 (MB)": logits_bytes(G_s, W_s, True) / 1e6,
-                 "gathered U, V at E=768 fp32 (MB)": 2 * G_s * 768 * 4 / 1e6})
+                 "G x G fp32 (MiB)": logits_bytes(G_s, W_s, False) / 2**20,
+                 "B x G fp32 (MiB)": logits_bytes(G_s, W_s, True) / 2**20,
+                 "gathered U, V at E=768 fp32 (MiB)": 2 * G_s * 768 * 4 / 2**20})
 memory = pd.DataFrame(rows).set_index("setup")
 print(memory.to_string(float_format=lambda x: f"{x:,.2f}"))
 
@@ -485,8 +580,10 @@ Ws = 2 ** np.arange(0, 11)
 for G_s, ls in ((32768, "-"), (4096, "--")):
     ax.loglog(Ws, [logits_bytes(G_s, int(w), False) / 2**30 for w in Ws], ls, color="C3", label=f"G × G, G = {G_s}")
     ax.loglog(Ws, [logits_bytes(G_s, int(w), True) / 2**30 for w in Ws], ls, color="C0", label=f"B × G (local_loss), G = {G_s}")
-ax.axhline(80, color="0.5", lw=0.8, ls=":")
-ax.text(1.1, 90, "80 GiB: all the memory of one H100", fontsize=8, color="0.4")
+h100_gib = 81559 / 1024  # an "H100 80GB HBM3": nvidia-smi reports 81,559 MiB in total
+ax.axhline(h100_gib, color="0.5", lw=0.8, ls=":")
+ax.text(1.1, 1.15 * h100_gib, f"{h100_gib:.1f} GiB: the total memory of one H100 80GB (less is free for tensors)",
+        fontsize=8, color="0.4")
 ax.set_xlabel("processes W (GPUs)")
 ax.set_ylabel("one logits matrix per process (GiB, fp32)")
 ax.set_title("memory of the similarity matrix at a fixed global batch")
@@ -495,18 +592,19 @@ plt.show()
 
 # %% [markdown]
 # Without `local_loss` the G × G matrix is the same size on every process however many
-# there are - gigabytes at CLIP's batch in float32 (first row of the table), per
+# there are - 4,096 MiB = 4 GiB at CLIP's batch in float32 (first row of the table), per
 # direction, plus softmax outputs and gradients of the same shape. With `local_loss` it
-# shrinks as 1/W, to megabytes on 256 processes. The arithmetic counts one matrix; the loss keeps a few of them alive. The
-# cell below measures the peak memory of `clip_loss`'s forward pass for growing G and
-# divides it by one G × G float32 matrix.
+# shrinks as 1/W, to 16 MiB on 256 processes. The arithmetic counts one matrix; the loss
+# keeps a few of them alive. The cell below measures the peak memory of `clip_loss`'s
+# forward pass on this kernel's device for growing G and divides it by one G × G float32
+# matrix (on CUDA the allocator's own peak, `torch.cuda.max_memory_allocated`).
 
 # %%
 from mmcourse.bench import peak_memory_bytes
 
 for G_m in (256, 512, 1024):
-    u_m, v_m = torch.randn(G_m, 64), torch.randn(G_m, 64)
-    peak = peak_memory_bytes(lambda u=u_m, v=v_m: clip_loss(u, v, 10.0))
+    u_m, v_m = torch.randn(G_m, 64, device=device), torch.randn(G_m, 64, device=device)
+    peak = peak_memory_bytes(lambda u=u_m, v=v_m: clip_loss(u, v, 10.0), device=device)
     print(f"G = {G_m:>5}: peak {peak / 2**20:6.2f} MiB = {peak / logits_bytes(G_m, 1, False):.2f} x one G x G float32 matrix")
 
 # %% [markdown]
@@ -529,16 +627,16 @@ for G_m in (256, 512, 1024):
 # %%
 torch.manual_seed(seed)
 G_acc, K = 64, 2  # a batch of 64 pairs in K chunks of 32
-x_img, x_txt = torch.randn(G_acc, 20), torch.randn(G_acc, 12)
-targets = torch.randint(0, 5, (G_acc,))
-image_tower, text_tower, classifier = nn.Linear(20, 16), nn.Linear(12, 16), nn.Linear(20, 5)
+x_img, x_txt = torch.randn(G_acc, 20).to(device), torch.randn(G_acc, 12).to(device)
+targets = torch.randint(0, 5, (G_acc,)).to(device)
+image_tower, text_tower, classifier = nn.Linear(20, 16).to(device), nn.Linear(12, 16).to(device), nn.Linear(20, 5).to(device)
 
 
 def gradients(loss_fn, chunks):
     """The parameter gradients of loss_fn, accumulated over `chunks` equal chunks (mean of their losses)."""
     for p in [*image_tower.parameters(), *text_tower.parameters(), *classifier.parameters()]:
         p.grad = None
-    for index in torch.arange(G_acc).chunk(chunks):
+    for index in torch.arange(G_acc, device=device).chunk(chunks):
         (loss_fn(index) / chunks).backward()
     params = [*image_tower.parameters(), *text_tower.parameters(), *classifier.parameters()]
     return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
@@ -552,15 +650,15 @@ for name, loss_fn in (("per-example cross-entropy", per_example), ("CLIP loss", 
     accumulation[name] = ((accumulated - whole).norm() / whole.norm()).item()
     print(f"{name:<26} |g_accumulated - g_batch| / |g_batch| = {accumulation[name]:.2e}")
 with torch.no_grad():
-    chunk_losses = [contrastive(i).item() for i in torch.arange(G_acc).chunk(K)]
-    print(f"CLIP loss of the batch of {G_acc}: {contrastive(torch.arange(G_acc)).item():.4f}; "
+    chunk_losses = [contrastive(i).item() for i in torch.arange(G_acc, device=device).chunk(K)]
+    print(f"CLIP loss of the batch of {G_acc}: {contrastive(torch.arange(G_acc, device=device)).item():.4f}; "
           f"mean over the {K} chunks: {np.mean(chunk_losses):.4f} (fewer negatives, lower loss)")
 mmcourse.record("accumulation_error_per_example", accumulation["per-example cross-entropy"], at_most=1e-5)
 mmcourse.record("accumulation_error_clip", accumulation["CLIP loss"], at_least=0.01)
 
 # %% [markdown]
 # The per-example loss accumulates to the big-batch gradient up to rounding; the CLIP loss
-# does not. The fix that *is* exact on one device is **gradient caching** (Gao et al.
+# does not. The fix that *is* exact on one device is **gradient caching** (梯度缓存; Gao et al.
 # 2021, "GradCache"): embed the whole batch chunk by chunk without keeping the graph,
 # compute the big-batch loss and its gradient with respect to the *embeddings* only,
 # then run each chunk again with its graph and back-propagate the cached embedding
@@ -594,8 +692,9 @@ from mmcourse.exercises.ch15 import q1, q2, q3, q4
 
 # Exercise 1: process `rank`'s share of the CLIP loss with local_loss. image_local and
 # text_local are its own (B, D) embeddings, all_image and all_text the gathered (G, D) ones
-# (all already L2-normalised); return the mean of the image->text and text->image
-# cross-entropies of its B rows against all G columns.
+# (all already L2-normalised); logit_scale is the multiplier s = 1/tau of chapter 06 (a
+# float, already exponentiated: multiply the similarities by it). Return the mean of the
+# image->text and text->image cross-entropies of its B rows against all G columns.
 def my_local_clip_loss(image_local, text_local, all_image, all_text, logit_scale, rank):
     raise NotImplementedError  # your code here
 
@@ -605,7 +704,8 @@ q1.check(my_local_clip_loss)
 
 # %%
 # Exercise 2: the largest global batch G (a multiple of world_size) whose ONE logits matrix
-# per process - (G, G), or (G / W, G) with local_loss - fits in memory_bytes.
+# per process - (G, G), or (G / W, G) with local_loss - fits in memory_bytes. Return 0 if
+# not even G = world_size (one pair per process) fits.
 def my_largest_global_batch(memory_bytes, world_size, local_loss, bytes_per_element=4):
     raise NotImplementedError  # your code here
 

@@ -37,8 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"steps": 6, "batch_size": 16, "num_pairs": 64, "width": 16, "embed_dim": 16}
 TINY.update({"heads": 2, "warmup_steps": 2, "log_every": 0, "device": "cpu"})
 # The keys' bias of attention has a zero gradient in exact arithmetic (q . (k + b) adds
-# q . b to every score of a row, which the softmax ignores); Adam turns the rounding noise
-# of that zero into steps of about lr, different in every run. Compared separately.
+# q . b to every score of a row, which the softmax ignores); what reaches it is rounding
+# noise (~1e-9, below Adam's eps), which Adam's normalisation amplifies (up to its eps) into
+# steps of a fraction of lr, different in every run. Compared separately.
 ZERO_GRADIENT = "k_proj.bias"
 
 

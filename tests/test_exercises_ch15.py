@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from exercise_checks import assert_all_pass, assert_feedback
@@ -63,6 +64,10 @@ def test_solutions_pass(capsys):
         (ch15.q2, lambda m, W, local, n=4: float(_largest(m, W, local, n))),
         (ch15.q3, ch15._grad_cache_solution),
         (ch15.q4, 255),
+        (ch15.q4, 255.0),
+        (ch15.q4, np.int64(255)),
+        (ch15.q4, np.float32(255)),
+        (ch15.q4, torch.tensor(255)),
     ]
     assert_all_pass(answers, capsys)
 
@@ -89,6 +94,7 @@ def test_mistakes_get_specific_feedback(capsys):
         (ch15.q2, lambda m, W, local, n=4: _largest(m, W, local, n) + W, "more than memory_bytes"),
         (ch15.q2, lambda m, W, local, n=4: _largest(m, W, local, n) - W, "a larger global batch"),
         (ch15.q2, lambda *a: "many", "whole number of pairs"),
+        (ch15.q2, lambda m, W, local, n=4: max(W, _largest(m, W, local, n)), "return 0"),
         (ch15.q3, _chunks_naive, "plain gradient accumulation"),
         (ch15.q3, _whole_batch, "on 12 rows at once"),
         (ch15.q3, lambda *a: torch.tensor(0.0), "got no gradient"),
@@ -97,6 +103,8 @@ def test_mistakes_get_specific_feedback(capsys):
         (ch15.q4, 510, "one direction"),
         (ch15.q4, 100, "all but one"),
         (ch15.q4, "255", "whole number"),
+        (ch15.q4, 255.5, "whole number"),
+        (ch15.q4, True, "whole number"),
     ]
     for exercise, answer, phrase in checks:
         assert_feedback(exercise, answer, phrase, capsys)

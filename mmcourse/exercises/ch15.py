@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,8 @@ def _largest_batch_solution(
     elements = memory_bytes // bytes_per_element  # logits that fit
     # without local_loss: G * G <= elements; with it: (G / W) * G <= elements
     G = math.isqrt(elements * world_size) if local_loss else math.isqrt(elements)
-    return G - G % world_size  # the global batch must split into W equal local batches
+    # the global batch must split into W equal local batches (0 if not even G = W fits)
+    return G - G % world_size
 
 
 def _logits_elements(G: int, W: int, local: bool) -> int:
@@ -116,6 +118,8 @@ def _check_largest_batch(fn) -> None:
         (10**6, 3, True, 4),
         (10**6, 7, False, 4),
         (5 * 10**7, 6, True, 2),
+        (100, 8, False, 4),  # 25 logits: not even G = 8 fits -> 0
+        (20, 8, True, 4),  # 5 logits, but G = 8 with local_loss needs 1 x 8 -> 0
     ]
     for memory, W, local, nbytes in cases:
         what = (
@@ -131,6 +135,10 @@ def _check_largest_batch(fn) -> None:
         G = int(got)
         if G == expected:
             continue
+        if expected == 0:
+            raise Mismatch(
+                f"{what}: not even G = world_size (one pair per process) fits; return 0, got {G:,}"
+            )
         if G % W:
             raise Mismatch(
                 f"{what}: G={G:,} does not split into {W} equal local batches; round down "
@@ -159,7 +167,7 @@ q2 = Exercise(
         "Without local_loss a process holds G x G logits; with it (G / W) x G. "
         "Divide memory_bytes by bytes_per_element to get how many logits fit.",
         "Solve G * G <= n (or G * G / W <= n) with math.isqrt (exact for big integers), then "
-        "round G down to a multiple of world_size: G - G % world_size.",
+        "round G down to a multiple of world_size: G - G % world_size (0 when G < W).",
     ],
     solution_fn=_largest_batch_solution,
 )
@@ -281,8 +289,13 @@ _WRONG_COUNTS = {
 
 
 def _check_negatives(answer) -> None:
-    if isinstance(answer, bool) or not isinstance(answer, int):
+    # any integral number: 255, 255.0, numpy.int64(255), torch.tensor(255)
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
+        answer = answer.item()
+    whole = isinstance(answer, numbers.Real) and float(answer).is_integer()
+    if isinstance(answer, bool) or not whole:
         raise Mismatch(f"answer with a whole number, got {answer!r}")
+    answer = int(answer)
     if answer in _WRONG_COUNTS:
         raise Mismatch(f"not {answer}: {_WRONG_COUNTS[answer]}")
     if answer != 255:
