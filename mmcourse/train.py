@@ -117,7 +117,7 @@ class FitResult:
     best_step: int | None = None  # the step where it was seen
     stopped_early: bool = False  # True when patience ran out before max_steps
     steps: int = 0  # optimiser steps actually taken (in this run and any resumed one)
-    seconds: float = 0.0  # wall time of the loop (this call only)
+    seconds: float = 0.0  # wall time of the loop, evaluations included (this call only)
 
     def evaluations(self) -> list[dict[str, float]]:
         """The rows of ``history`` that carry evaluation metrics."""
@@ -405,7 +405,8 @@ def fit(
                 else:
                     bad_evaluations += 1
                     if config.patience is not None and bad_evaluations >= config.patience:
-                        result.stopped_early = True
+                        # patience ran out; at the last step that is no *early* stop
+                        result.stopped_early = step < config.max_steps
             if config.checkpoint_path is not None:
                 torch.save(
                     {

@@ -25,10 +25,12 @@
 #    checked against autograd;
 # 2. the optimiser - **AdamW** with decoupled **weight decay** (权重衰减) - written out and
 #    checked step by step against `torch.optim.AdamW`; learning-rate schedules;
-# 3. a multimodal task - visual question answering on the Shapes world with the real
-#    pretrained MiniLM as text tower - and four ways to adapt the tower: **linear probe**
-#    (线性探测), **top-k layers**, **full fine-tuning** (全量微调) and **LoRA** (低秩适配),
-#    compared for accuracy, trainable parameters, time and memory;
+# 3. a multimodal task - visual question answering on the Shapes world, with questions
+#    asked in many phrasings and synonyms, and the real pretrained MiniLM as text tower -
+#    and four ways to adapt the tower: a **probe** of the frozen tower (the classic
+#    **linear probe** (线性探测) trains one linear layer; ours trains a small fusion head),
+#    **top-k layers** (只训练最后 k 层), **full fine-tuning** (全量微调) and **LoRA**
+#    (低秩适配), compared for accuracy, trainable parameters, time and memory;
 # 4. the same run through the `transformers` `Trainer`, and the source documents' mistakes
 #    as pitfall boxes.
 
@@ -37,14 +39,17 @@
 seed = 0  # random seed: data, image tower, heads, LoRA init
 device = "auto"  # "auto" picks cuda, then mps, then cpu
 num_train = 3000  # training scenes (full: 20000)
-num_val = 500  # validation scenes, for early stopping (full: 2000)
-num_test = 1000  # test scenes (full: 5000)
-image_steps = 200  # steps to train the small image tower (full: 1000 on a GPU)
-probe_steps = 150  # steps of the linear probe (cheap: cached features) (full: 500)
+num_val = 200  # validation scenes (seen phrasings), for early stopping (full: 2000)
+num_test = 600  # test scenes, questions in held-out phrasings (full: 5000)
+max_objects = 2  # objects per scene, 1..max_objects (the Shapes world allows up to 3)
+image_steps = 400  # steps to train the small image tower (full: 1000 on a GPU)
+probe_steps = 600  # steps of the frozen-tower probe (cheap: cached features) (full: 2000)
+probe_eval_every = 25  # steps between the probe's validation evaluations (full: 50)
 finetune_steps = 20  # steps of top-k / full / LoRA fine-tuning (full: 300 on a GPU)
 eval_every = 5  # steps between validation evaluations (full: 25)
 patience = 3  # evaluations without improvement before early stopping
-batch_size = 256  # scenes per step
+batch_size = 256  # scenes per step of the image tower and the probe
+tower_batch_size = 32  # scenes per step when the text tower trains (full: 256 on a GPU)
 top_k = 2  # blocks of MiniLM trained by the top-k strategy (of 6)
 lora_r = 8  # LoRA rank r
 lora_alpha = 16  # LoRA alpha (scale alpha / r)
@@ -71,10 +76,13 @@ from mmcourse.train import TrainConfig, adamw_step, fit, lr_at
 utils.positive_int(num_train=num_train, num_val=num_val, num_test=num_test, image_steps=image_steps)
 utils.positive_int(probe_steps=probe_steps, finetune_steps=finetune_steps, eval_every=eval_every)
 utils.positive_int(patience=patience, batch_size=batch_size, top_k=top_k, lora_r=lora_r, trainer_steps=trainer_steps)
+utils.positive_int(tower_batch_size=tower_batch_size, max_objects=max_objects, probe_eval_every=probe_eval_every)
 utils.positive_float(lora_alpha=lora_alpha)
 utils.non_negative_int(cpu_threads=cpu_threads)
 if top_k > 6:
     raise ValueError(f"top_k must be at most 6 (MiniLM has 6 blocks), got {top_k}")
+if max_objects > 3:
+    raise ValueError(f"max_objects must be at most 3 (the Shapes world's limit), got {max_objects}")
 mmcourse.seed_everything(seed)
 device = mmcourse.get_device(device)
 if device.type == "cpu" and cpu_threads:
@@ -119,9 +127,11 @@ print("multi-class: autograd == (softmax(z) - y) / B;  binary: autograd == (sigm
 # %% [markdown]
 # ## 2. The optimiser: AdamW, written out
 #
-# 003 §4.1 gives Adam's update. With gradient $g_t$, step $t$, learning rate $\eta$ and
-# weight decay $\lambda$, **AdamW** (Loshchilov & Hutter) applies the decay to the weights
-# directly, *decoupled* from the adaptive step:
+# 003 §4.1 writes the plain gradient step with weight decay,
+# $\theta \leftarrow \theta - \eta\nabla\mathcal{L} - \eta\lambda\theta$, and only names Adam.
+# **AdamW** (Loshchilov & Hutter 2019) keeps that decoupled decay term
+# $-\eta\lambda\theta$ and replaces the gradient step by Adam's. With gradient $g_t$, step
+# $t$, learning rate $\eta$ and weight decay $\lambda$:
 #
 # $$\begin{aligned}
 # \theta &\leftarrow \theta - \eta\lambda\theta \\
@@ -160,8 +170,10 @@ print(f"10 steps: our AdamW equals torch.optim.AdamW, largest difference below 1
 # A pretrained tower is easily knocked off its good weights by the first large steps of
 # a randomly initialised head. Hence a **warm-up** (预热): the learning rate rises linearly
 # from 0 over the first $W$ steps, then decays - by a **cosine** to a floor $r\eta$ (the
-# `min_lr_ratio`), linearly, or not at all. `lr_at(step, config)` is the multiplier, the
-# same function as `transformers.get_cosine_schedule_with_warmup`:
+# `min_lr_ratio`), linearly, or not at all. `lr_at(step, config)` is the multiplier; for
+# the cosine schedule with `min_lr_ratio=0` it is the same function as
+# `transformers.get_cosine_schedule_with_warmup` (checked below; the floor and the other
+# shapes are ours):
 
 # %%
 from transformers import get_cosine_schedule_with_warmup
@@ -193,39 +205,104 @@ plt.show()
 # %% [markdown]
 # `mmcourse.train.fit` puts it together: AdamW over `finetune.param_groups` (no decay on
 # biases and LayerNorm weights), the schedule, **gradient clipping** (梯度裁剪) to a global
-# norm, bf16 autocast on CUDA, evaluation every `eval_every` steps, **early stopping**
+# norm, **bf16 autocast** (bf16 自动混合精度) on CUDA, evaluation every `eval_every` steps, **early stopping**
 # (早停) after `patience` evaluations without improvement, and the best weights restored
 # at the end.
 #
-# ## 4. The task: questions about Shapes scenes
+# ## 4. The task: questions about Shapes scenes, in many phrasings
 #
-# Each Shapes scene holds 1-3 coloured objects; each comes with a templated question whose
-# answer the scene decides: *what colour is the square?*, *what shape is the red object?*,
-# *how many objects are there?*, *is there a blue cross?* The answer is one of 15 words.
-# Neither modality suffices: the question says *what* to look for, the image holds the
-# answer. (The world is generated procedurally from a seed.)
+# Each scene here holds 1 to `max_objects` coloured objects (the Shapes world allows up
+# to 3; fewer objects keep the small image tower below accurate, so that the comparison
+# is about the text side). Each scene gets one question whose answer the scene decides,
+# of five kinds: the colour of a shape, the shape of a colour, the shape at a position,
+# the number of objects, and whether a colour-shape pair is present. The questions are
+# not fixed templates: every kind has several phrasings, and every colour, shape and
+# position word is drawn from the world's synonyms (`shapes.COLOUR_SYNONYMS`,
+# `SHAPE_SYNONYMS`, `POSITION_PHRASES`): *which hue is the wedge?*, *can you see a crimson
+# box?*, *what is the object in the upper part?* Training and validation use three
+# phrasings per kind; the **test questions use two other phrasings, never seen in
+# training**. So the text tower must map many surface forms to a few meanings - and
+# carry that to new sentences - which is where adapting it could matter. The answer is
+# one word of a fixed list, built from the world's vocabulary (not from the training
+# split, which might miss a rare answer).
 
 # %%
 from mmcourse.data import shapes
 
-data = {
-    "train": shapes.shapes_tensors(num_train, split="train"),
-    "val": shapes.shapes_tensors(num_val, split="validation"),
-    "test": shapes.shapes_tensors(num_test, split="test"),
+PHRASINGS = {  # kind -> (phrasings for train and validation, phrasings held out for test)
+    "colour": (("what colour is the {s}?", "which hue is the {s}?", "what is the colour of the {s}?"),
+               ("the {s} has which colour?", "tell me the colour of the {s}.")),
+    "shape": (("what shape is the {c} object?", "which shape is {c}?", "what is the {c} thing?"),
+              ("name the shape that is {c}.", "the {c} object has which form?")),
+    "where": (("what shape is {p}?", "which shape do you see {p}?", "what is the object {p}?"),
+              ("name the shape {p}.", "the thing {p} is which shape?")),
+    "count": (("how many objects are there?", "how many shapes can you see?", "count the objects."),
+              ("what is the number of objects?", "how many things are in the picture?")),
+    "exists": (("is there a {c} {s}?", "can you see a {c} {s}?", "does the picture contain a {c} {s}?"),
+               ("is a {c} {s} visible?", "do you spot a {c} {s}?")),
 }
-answers = sorted(set(data["train"]["answer"]))
+answers = [*shapes.COLOURS, *shapes.SHAPES, *shapes.NUMBER_WORDS[1 : max_objects + 1], "yes", "no"]  # every possible answer
+
+
+def ask(objects, rng, *, held_out):
+    """One question about a scene in a random phrasing with random synonyms: (question, answer, kind)."""
+    def pick(options):
+        return options[rng.integers(len(options))]
+
+    def colour_word(c):
+        return pick(shapes.COLOUR_SYNONYMS[c])
+
+    def shape_word(s):
+        return pick(shapes.SHAPE_SYNONYMS[s])
+
+    unique_shape = [o for o in objects if [p["shape"] for p in objects].count(o["shape"]) == 1]
+    unique_colour = [o for o in objects if [p["colour"] for p in objects].count(o["colour"]) == 1]
+    kind = pick(["count", "exists", "where"] + ["colour"] * bool(unique_shape) + ["shape"] * bool(unique_colour))
+    template = pick(PHRASINGS[kind][int(held_out)])
+    if kind == "colour":
+        o = pick(unique_shape)
+        return template.format(s=shape_word(o["shape"])), o["colour"], kind
+    if kind == "shape":
+        o = pick(unique_colour)
+        return template.format(c=colour_word(o["colour"])), o["shape"], kind
+    if kind == "where":
+        o = pick(objects)
+        return template.format(p=pick(shapes.POSITION_PHRASES[o["position"]])), o["shape"], kind
+    if kind == "count":
+        return template, shapes.NUMBER_WORDS[len(objects)], kind
+    present = [(o["shape"], o["colour"]) for o in objects]
+    if rng.random() < 0.5:
+        (s, c), answer = pick(present), "yes"
+    else:
+        (s, c), answer = pick([p for p in shapes.TRAIN_PAIRS if p not in present]), "no"
+    return template.format(c=colour_word(c), s=shape_word(s)), answer, kind
+
+
+world = shapes.ShapesConfig(max_objects=max_objects)
+data = {
+    "train": shapes.shapes_tensors(num_train, split="train", config=world),
+    "val": shapes.shapes_tensors(num_val, split="validation", config=world),
+    "test": shapes.shapes_tensors(num_test, split="test", config=world),
+}
+rng = np.random.default_rng(seed)
+for split, d in data.items():
+    d["question"], d["answer"], d["kind"] = zip(*(ask(o, rng, held_out=split == "test") for o in d["objects"]),
+                                                strict=True)
 questions = sorted({q for d in data.values() for q in d["question"]})
 for d in data.values():
     d["y"] = torch.tensor([answers.index(a) for a in d["answer"]])  # (N,) answer id
     d["q"] = torch.tensor([questions.index(q) for q in d["question"]])  # (N,) question id
 majority = (data["test"]["y"] == data["train"]["y"].mode().values).float().mean().item()
+seen = {q for split in ("train", "val") for q in data[split]["question"]}
 print(f"{len(answers)} answers: {answers}")
-print(f"{len(questions)} distinct questions; majority-answer baseline on test: {majority:.3f}")
+print(f"distinct questions: {len({*data['train']['question']})} in train, "
+      f"{len({*data['test']['question']})} in test, of which {len({*data['test']['question']} & seen)} seen in "
+      f"train/validation; majority-answer baseline on test: {majority:.3f}")
 
 fig, axes = plt.subplots(1, 5, figsize=(11, 2.8))
 for ax, i in zip(axes, range(5), strict=True):
     ax.imshow(data["test"]["images"][i].permute(1, 2, 0))
-    ax.set_title(f"{data['test']['question'][i]}\n-> {data['test']['answer'][i]}", fontsize=8)
+    ax.set_title(f"{data['test']['question'][i]}\n-> {data['test']['answer'][i]}", fontsize=7)
     ax.axis("off")
 plt.show()
 
@@ -233,10 +310,11 @@ plt.show()
 # ### The image tower: small, trained here, then frozen
 #
 # No pretrained vision model is available offline, so the image tower is a small CNN
-# trained in a few seconds to *parse* the scene: for each of the five regions (left,
-# right, top, bottom, centre) it predicts the object's colour and shape, or "none". It
-# stands in for a pretrained vision encoder; once trained it is frozen, and its output -
-# 5 regions x (7 colour + 5 shape) probabilities - is computed once and cached.
+# trained here to *parse* the scene: for each of the five regions (left, right, top,
+# bottom, centre) it predicts the object's colour and shape, or "none". It stands in for
+# a pretrained vision encoder; once trained it is frozen, and its output - 5 regions x
+# (7 colour + 5 shape) probabilities - is computed once and cached. It is scored on the
+# *occupied* regions only (an empty region is easy and would inflate the number).
 
 # %%
 R, NC, NS = len(shapes.POSITIONS), len(shapes.COLOURS) + 1, len(shapes.SHAPES) + 1
@@ -293,23 +371,29 @@ with torch.no_grad():
         d["v"] = torch.cat([zc.softmax(-1), zs.softmax(-1)], -1).flatten(1).cpu()  # (N, R * 12) cached features
     zc, zs = parser(data["test"]["images"].to(device))
 colour_test, shape_test = region_targets(data["test"])
-region_acc = ((zc.argmax(-1).cpu() == colour_test) & (zs.argmax(-1).cpu() == shape_test)).float().mean().item()
-print(f"image tower: {finetune.parameter_summary(parser)['total']:,} parameters, trained in {parse_fit.seconds:.1f} s; "
-      f"test regions parsed right (colour and shape): {region_acc:.3f}")
-mmcourse.record("image_tower_region_accuracy", region_acc, at_least=0.7)
+occupied = colour_test < NC - 1  # (N, R) regions that hold an object
+colour_ok, shape_ok = zc.argmax(-1).cpu() == colour_test, zs.argmax(-1).cpu() == shape_test  # (N, R)
+region_acc = (colour_ok & shape_ok)[occupied].float().mean().item()
+print(f"image tower: {finetune.parameter_summary(parser)['total']:,} parameters, {parse_fit.steps} steps in "
+      f"{parse_fit.seconds:.1f} s; on the {int(occupied.sum())} occupied test regions: colour right "
+      f"{colour_ok[occupied].float().mean():.3f}, shape right {shape_ok[occupied].float().mean():.3f}, "
+      f"both {region_acc:.3f}")
+mmcourse.record("image_tower_occupied_region_accuracy", region_acc, at_least=0.85)
 
 # %% [markdown]
 # ### The text tower: the real MiniLM, and a fusion head
 #
 # The question goes through MiniLM (`all-MiniLM-L6-v2`, 6 blocks, 384 wide, loaded
 # offline), mean-pooled as it was trained. The head fuses the two vectors by a
-# product, $h = \tanh(W_q t) \odot \tanh(W_v v)$, then a linear layer to the 15 answers.
-# It fuses *embeddings* - never token ids (see the pitfall below).
+# product, $h = \tanh(W_q t) \odot \tanh(W_v v)$, then a linear layer to the answers.
+# It fuses *embeddings* - never token ids (see the pitfall below). The head is not linear
+# (two tanh and a product), so "training only the head" below is a *probe of the frozen
+# tower*, not a linear probe in the strict sense.
 #
-# A cost trick that changes nothing in the mathematics: a batch of 256 scenes holds at
-# most 31 distinct questions, so the tower encodes each distinct question once and the
-# vectors are gathered back (`unique(return_inverse=True)`). With a frozen tower (linear
-# probe) the 31 vectors are computed once, before training.
+# A cost trick that changes nothing in the mathematics: the tower encodes each distinct
+# question of a batch once and the vectors are gathered back
+# (`unique(return_inverse=True)`). With a frozen tower (the probe) every distinct
+# question is encoded once, before training.
 
 # %%
 from mmcourse.pretrained import load_text_encoder, mean_pooling
@@ -337,8 +421,9 @@ class ShapesVQA(nn.Module):
                 self.text_cache = self.encode(torch.arange(len(self.input_ids)))
 
     def encode(self, qids):  # (U,) question ids -> (U, 384)
-        mask = self.attention_mask[qids]  # (U, N)
-        hidden = self.text_tower(input_ids=self.input_ids[qids], attention_mask=mask).last_hidden_state
+        n = int(self.attention_mask[qids].sum(1).max())  # drop padding columns these questions don't need
+        mask = self.attention_mask[qids, :n]  # (U, n)
+        hidden = self.text_tower(input_ids=self.input_ids[qids, :n], attention_mask=mask).last_hidden_state
         return mean_pooling(hidden, mask)
 
     def forward(self, q, v):  # q (B,) question ids, v (B, R * 12) image features
@@ -354,11 +439,15 @@ class ShapesVQA(nn.Module):
         return [self.q_proj, self.v_proj, self.classifier]
 
 
-train_batches = [
-    {"q": data["train"]["q"][i : i + batch_size], "v": data["train"]["v"][i : i + batch_size],
-     "y": data["train"]["y"][i : i + batch_size]}
-    for i in range(0, num_train, batch_size)
-]
+def batches_of(size):
+    d = data["train"]
+    return [{"q": d["q"][i : i + size], "v": d["v"][i : i + size], "y": d["y"][i : i + size]}
+            for i in range(0, num_train, size)]
+
+
+train_batches, tower_batches = batches_of(batch_size), batches_of(tower_batch_size)
+distinct = np.mean([len(b["q"].unique()) for b in tower_batches])
+print(f"a batch of {tower_batch_size} scenes holds {distinct:.1f} distinct questions on average")
 
 
 def vqa_loss(model, batch):
@@ -366,9 +455,13 @@ def vqa_loss(model, batch):
 
 
 @torch.no_grad()
-def accuracy(model, split):
+def predict(model, split):
     d = data[split]
-    return (model(d["q"].to(device), d["v"].to(device)).argmax(-1).cpu() == d["y"]).float().mean().item()
+    return model(d["q"].to(device), d["v"].to(device)).argmax(-1).cpu()  # (N,) answer ids
+
+
+def accuracy(model, split):
+    return (predict(model, split) == data[split]["y"]).float().mean().item()
 
 
 def evaluate(model):
@@ -388,8 +481,8 @@ def evaluate(model):
 #   B \in \mathbb{R}^{d_{out} \times r},\; r \ll d .$$
 #
 # $A$ starts random (Kaiming-uniform), $B$ at zero, so training starts from the
-# pretrained function exactly. For MiniLM's $384 \times 384$ query projection and $r = 8$
-# that is $2 \cdot 8 \cdot 384$ trainable numbers instead of $384^2$. After training,
+# pretrained function exactly. For MiniLM's $384 \times 384$ query projection that is
+# $2 r \cdot 384$ trainable numbers instead of $384^2$ (printed below for `lora_r`). After training,
 # $W + \frac{\alpha}{r} BA$ can be **merged** into one matrix: no cost at inference.
 # `finetune.LoRALinear` is this formula; here it wraps MiniLM's first query projection
 # beside `peft`'s LoRA layer with the same $A$ and $B$:
@@ -414,33 +507,41 @@ out_ours.square().sum().backward()
 out_theirs.square().sum().backward()
 torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
 torch.testing.assert_close(ours.lora_A.weight.grad, theirs.lora_A["default"].weight.grad, atol=1e-4, rtol=1e-4)
+torch.testing.assert_close(ours.lora_B.weight.grad, theirs.lora_B["default"].weight.grad, atol=1e-4, rtol=1e-4)
 torch.testing.assert_close(ours.merge()(x), out_ours, atol=1e-5, rtol=1e-5)
 lora_numbers = finetune.parameter_summary(ours)
-print("LoRALinear == peft's lora.Linear (value and gradient); merged W + (alpha/r) BA gives the same output")
-print(f"trainable in this layer: {lora_numbers['trainable']:,} of {lora_numbers['total']:,}")
+print("LoRALinear == peft's lora.Linear (value; gradients for x, A and B); merged W + (alpha/r) BA gives the same output")
+print(f"trainable in this layer (r = {lora_r}): {lora_numbers['trainable']:,} = 2 * {lora_r} * 384, "
+      f"of {lora_numbers['total']:,}")
 
 # %% [markdown]
 # ## 6. Four ways to adapt the tower
 #
 # | strategy | what trains |
 # |---|---|
-# | linear probe | only the fusion head (tower frozen; its question vectors cached) |
+# | probe (head only) | only the fusion head (tower frozen; its question vectors cached) |
 # | top-k layers | the last `top_k` MiniLM blocks + the head |
-# | full fine-tuning | all 22.7 M MiniLM weights + the head |
+# | full fine-tuning | all MiniLM weights + the head |
 # | LoRA (`peft`) | rank-`lora_r` A, B on every query and value projection + the head |
 #
 # The head starts random, and a random head's large gradients would wreck the
 # pretrained tower in the first steps. So the probe is trained first, and the three
-# other strategies start from the probe's head and adapt the tower (the "linear probe,
-# then fine-tune" recipe, LP-FT). The tower gets a small learning rate, the head a larger
-# one: two parameter groups in AdamW. Every run evaluates on the validation split every
-# `eval_every` steps, stops early after `patience` evaluations without improvement and
-# restores its best weights.
+# other strategies start from the probe's head and adapt the tower: the "linear probe,
+# then fine-tune" recipe (**LP-FT**, 先探测后微调; Kumar et al. 2022). The tower gets a
+# small learning rate, the head a larger one: AdamW parameter groups built with
+# `finetune.param_groups` for each part (no decay on biases and LayerNorm weights).
+# Every run evaluates on the validation split every `eval_every` steps (the probe every
+# `probe_eval_every`), stops early
+# after `patience` evaluations without improvement and restores its best weights. The
+# probe is cheap (cached features) and gets many steps; the tower runs are capped by the
+# CPU budget (`finetune_steps`, with smaller batches: each step runs MiniLM forward and
+# backward on every distinct question of the batch).
 #
 # Memory: on a GPU, `torch.cuda.max_memory_allocated` measures the peak. On a CPU there is
 # no such counter, so the table reports the training state that the strategy decides:
 # weights (4 bytes each) + gradients and the two AdamW moments (4 + 8 bytes per
-# *trainable* weight). Activations come on top.
+# *trainable* weight). Activations come on top. The `seconds` and `s / step` columns
+# include the validation passes.
 
 # %%
 def state_mib(model):
@@ -448,46 +549,51 @@ def state_mib(model):
     return (4 * s["total"] + 12 * s["trainable"]) / 2**20
 
 
-def make_optimizer(model, tower_lr, head_lr):
-    heads = [p for h in model.head_modules() for p in h.parameters()]
-    head_ids = {id(p) for p in heads}
-    tower = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = [{"params": heads, "lr": head_lr, "weight_decay": 0.01}]
-    if tower:
-        decay = [p for p in tower if p.dim() >= 2]
-        groups += [{"params": decay, "lr": tower_lr, "weight_decay": 0.01},
-                   {"params": [p for p in tower if p.dim() < 2], "lr": tower_lr, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]])
+def make_optimizer(model, tower_lr, head_lr, weight_decay=0.01):
+    """AdamW with the head at head_lr and the tower at tower_lr; no decay on 1-D tensors in either."""
+    head = nn.ModuleList(model.head_modules())
+    groups = [{**g, "lr": head_lr} for g in finetune.param_groups(head, weight_decay)]
+    head_ids = {id(p) for p in head.parameters()}
+    tower = nn.Module()  # a holder for the trainable tower parameters only
+    tower_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    for i, p in enumerate(tower_params):
+        tower.register_parameter(f"p{i}", p)
+    groups += [{**g, "lr": tower_lr} for g in finetune.param_groups(tower, weight_decay)]
+    return torch.optim.AdamW(groups)
 
 
-def run(name, model, steps, tower_lr, head_lr):
+def run(name, model, steps, tower_lr, head_lr, batches, every=eval_every):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    config = TrainConfig(max_steps=steps, warmup_steps=max(1, steps // 10), eval_every=eval_every,
+    config = TrainConfig(max_steps=steps, warmup_steps=max(1, steps // 10), eval_every=every,
                          patience=patience, metric="accuracy", progress=False, device=str(device))
-    result = fit(model, train_batches, loss_fn=vqa_loss, config=config, evaluate_fn=evaluate,
+    result = fit(model, batches, loss_fn=vqa_loss, config=config, evaluate_fn=evaluate,
                  optimizer=make_optimizer(model, tower_lr, head_lr))
     s = finetune.parameter_summary(model)
-    row = {"strategy": name, "test accuracy": accuracy(model, "test"), "best val accuracy": result.best_metric,
-           "steps": result.steps, "stopped early": result.stopped_early, "trainable": s["trainable"],
-           "trainable %": 100 * s["fraction"], "seconds": result.seconds,
+    predictions[name] = predict(model, "test")
+    row = {"strategy": name, "test accuracy": (predictions[name] == data["test"]["y"]).float().mean().item(),
+           "best val accuracy": result.best_metric,
+           "steps": result.steps, "best step": result.best_step, "stopped early": result.stopped_early,
+           "trainable": s["trainable"], "trainable %": 100 * s["fraction"], "seconds": result.seconds,
            "s / step": result.seconds / result.steps, "train state MiB": state_mib(model)}
     if device.type == "cuda":
         row["peak GPU MiB"] = torch.cuda.max_memory_allocated() / 2**20
     return row, result
 
 
-rows, curves, models = [], {}, {}
+rows, curves, models, predictions = [], {}, {}, {}
 torch.manual_seed(seed)
 probe = ShapesVQA(copy.deepcopy(minilm), image_dim=data["train"]["v"].shape[1], num_answers=len(answers),
                   cache_text=True).to(device)
 finetune.linear_probe(probe, head=probe.classifier)
 for h in probe.head_modules():
     finetune.unfreeze(h)
-row, curves["linear probe"] = run("linear probe", probe, probe_steps, 0.0, 3e-3)
+row, curves["probe (head only)"] = run("probe (head only)", probe, probe_steps, 0.0, 3e-3, train_batches,
+                                        every=probe_eval_every)
 rows.append(row)
-models["linear probe"] = probe
-print(f"linear probe: test accuracy {row['test accuracy']:.3f} after {row['steps']} steps")
+models["probe (head only)"] = probe
+print(f"probe: test accuracy {row['test accuracy']:.3f}; {row['steps']} of {probe_steps} steps, best at step "
+      f"{row['best step']}, stopped early: {row['stopped early']}")
 
 # %%
 def from_probe():
@@ -510,52 +616,90 @@ for name, (prepare, tower_lr) in strategies.items():
     prepare(model)
     for h in model.head_modules():
         finetune.unfreeze(h)
-    row, curves[name] = run(name, model, finetune_steps, tower_lr, 1e-3)
+    row, curves[name] = run(name, model, finetune_steps, tower_lr, 1e-3, tower_batches)
     rows.append(row)
     models[name] = model
-    print(f"{name}: test accuracy {row['test accuracy']:.3f} after {row['steps']} steps ({row['seconds']:.1f} s)")
+    print(f"{name}: test accuracy {row['test accuracy']:.3f}; {row['steps']} steps ({row['seconds']:.1f} s "
+          f"incl. evaluation), best at step {row['best step']}, stopped early: {row['stopped early']}")
 
 table = pd.DataFrame(rows).set_index("strategy")
 table.style.format(precision=3, thousands=",")
 
 # %% [markdown]
-# The validation curves (one point per evaluation; a run that stops early ends sooner),
-# and accuracy against what each strategy trains:
+# The validation curves (one point per evaluation; a run that stops early ends sooner;
+# the tower runs start from the probe's restored best step), and accuracy against what
+# each strategy trains:
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+probe_best = curves["probe (head only)"].best_step
+fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
 for name, result in curves.items():
     evals = result.evaluations()
-    offset = 0 if name == "linear probe" else probe_steps
+    offset = 0 if name == "probe (head only)" else probe_best
     axes[0].plot([offset + r["step"] for r in evals], [r["accuracy"] for r in evals], marker=".", label=name)
     axes[1].plot([offset + r["step"] for r in evals], [r["val_loss"] for r in evals], marker=".", label=name)
-axes[0].set(xlabel="step (fine-tuning starts after the probe)", ylabel="validation accuracy", title="Validation accuracy")
+axes[0].axvline(probe_best, color="grey", ls=":", lw=1)
+axes[0].set(xlabel=f"step (tower runs start at the probe's best, {probe_best})", ylabel="validation accuracy",
+            title="Validation accuracy")
 axes[1].set(xlabel="step", ylabel="validation cross-entropy", title="Validation loss")
 axes[0].legend(fontsize=8)
-for name, row in table.iterrows():
-    axes[2].scatter(row["trainable"], row["test accuracy"], s=20 + row["seconds"] * 10)
-    axes[2].annotate(name, (row["trainable"], row["test accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-axes[2].axhline(majority, color="grey", ls=":", lw=1, label="majority answer")
-axes[2].set(xscale="log", xlabel="trainable parameters (log)", ylabel="test accuracy",
-            title="Accuracy vs trainable parameters\n(marker area ~ training time)")
+for i, (name, row) in enumerate(table.iterrows()):
+    axes[2].scatter(row["trainable"], row["test accuracy"], s=30, color=f"C{i}", label=f"{name}: {row['test accuracy']:.3f}")
+axes[2].set(xscale="log", xlabel="trainable parameters (log)", ylabel="test accuracy (held-out phrasings)",
+            title=f"Accuracy vs trainable parameters\n(majority-answer baseline {majority:.3f}, off the axis)")
+low, high = table["test accuracy"].min(), table["test accuracy"].max()
+axes[2].set_ylim(low - 0.02 - 0.1 * (high - low), high + 0.02 + 0.1 * (high - low))
 axes[2].legend(fontsize=8)
 plt.show()
 
 # %%
+FLOORS = {"probe (head only)": 0.8, "top-k layers": 0.78, "full": 0.78, "LoRA (peft)": 0.78}  # measured 0.86-0.87
 for name in table.index:
     key = name.split(" (")[0].replace(" ", "_").replace("-", "_").lower()
-    mmcourse.record(f"test_accuracy_{key}", table.loc[name, "test accuracy"], at_least=max(0.5, majority + 0.3))
+    mmcourse.record(f"test_accuracy_{key}", table.loc[name, "test accuracy"], at_least=FLOORS[name])
 lora_vs_full = table.loc["LoRA (peft)", "trainable"] / table.loc["full", "trainable"]
+lora_adapters = sum(p.numel() for n, p in models["LoRA (peft)"].named_parameters() if "lora_" in n)
 mmcourse.record("lora_trainable_fraction_of_full", lora_vs_full, at_most=0.05)
-print(f"majority baseline {majority:.3f}; LoRA trains {100 * lora_vs_full:.2f} % of what full fine-tuning trains")
+print(f"majority baseline {majority:.3f}; LoRA trains {100 * lora_vs_full:.2f} % of what full fine-tuning trains "
+      f"(head included); its adapters alone are {lora_adapters:,} numbers, "
+      f"{100 * lora_adapters / table.loc['full', 'trainable']:.2f} %")
 
 # %% [markdown]
-# What the table says, honestly: the frozen MiniLM already separates the 31 questions
-# well, so the probe is strong and the fine-tuning strategies change the accuracy by
-# little in their few steps, while costing far more time per step (the `s / step`
-# column; full fine-tuning also carries AdamW state for all 22.7 M weights). The order of
-# the strategies on a task whose *text* is harder (paraphrases, long reports) can differ:
-# the lesson is the procedure - probe first, then adapt, and measure cost with accuracy.
+# Test accuracy by question kind, and on the test scenes whose occupied regions the image
+# tower parsed right (there the image side is not to blame for an error):
+
+# %%
+parsed_right = ((colour_ok & shape_ok) | ~occupied).all(1)  # (N,) scenes parsed without error
+by_kind = pd.DataFrame({name: {kind: (pred == data["test"]["y"])[torch.tensor([k == kind for k in data["test"]["kind"]])]
+                               .float().mean().item() for kind in PHRASINGS}
+                        | {"scenes parsed right": (pred == data["test"]["y"])[parsed_right].float().mean().item()}
+                        for name, pred in predictions.items()}).T
+print(f"{int(parsed_right.sum())} of {num_test} test scenes parsed right")
+print(by_kind.round(3).to_string())
+best_tower = table["test accuracy"].drop("probe (head only)").idxmax()
+print(f"best tower run on test: {best_tower}, {table.loc[best_tower, 'test accuracy']:.3f}, vs the probe's "
+      f"{table.loc['probe (head only)', 'test accuracy']:.3f} ({table.loc[best_tower, 'test accuracy'] - table.loc['probe (head only)', 'test accuracy']:+.3f})")
+
+# %% [markdown]
+# What the outputs say, honestly. The image side is no longer the bottleneck: the tower
+# parses most occupied regions right (section 4), and on the test scenes it parsed
+# without error the strategies still miss some questions (last column), most of them
+# `where` and `exists` questions - the text side, asked in phrasings never seen in
+# training, has something to learn. But adapting the tower did not learn it better
+# than the probe: the probe, trained for many cheap steps on cached question vectors,
+# has the highest test accuracy, and all three tower runs end slightly below it (the
+# difference printed above). Early stopping acted on the probe, which stopped far short
+# of `probe_steps` (its `steps` and `best step`). In the tower runs the best validation
+# accuracy comes early (`best step`); a run whose `patience` ran out before
+# `finetune_steps` is marked `stopped early` and ended sooner. Either way the best-weight
+# restore picked the early weights that the table scores. Within this CPU budget (`tower_batch_size` scenes a step, `finetune_steps`
+# steps) a tower run sees a few hundred examples, and moving millions of weights - or
+# LoRA's adapters - on so little data fits the training phrasings rather than the
+# held-out ones. What the tower runs certainly cost is time: compare the `s / step`
+# column (full fine-tuning also carries AdamW state for every MiniLM weight). Whether
+# GPU-sized runs (the full values in the parameter cell) change the order, this notebook
+# does not show; the procedure it does show - probe first, then adapt, and measure cost
+# with accuracy on held-out data - is the lesson.
 #
 # ## 7. The same with `transformers.Trainer`
 #
@@ -564,7 +708,9 @@ print(f"majority baseline {majority:.3f}; LoRA trains {100 * lora_vs_full:.2f} %
 # precision and multi-GPU launch from `TrainingArguments`. It needs a model whose
 # `forward` returns the loss when given `labels`, and a dataset of dicts. Here it trains
 # the top-k strategy from the probe's head, offline (`report_to="none"`), in a temporary
-# folder.
+# folder. It is a demonstration of the interface, not a fifth point of the comparison:
+# it uses one learning rate (1e-4) for the tower and the head, where our top-k run gave
+# the head 1e-3, and runs `trainer_steps` steps, not `finetune_steps`.
 
 # %%
 from transformers import Trainer, TrainingArguments
@@ -605,7 +751,7 @@ for h in hf_model.head_modules():
     finetune.unfreeze(h)
 with tempfile.TemporaryDirectory() as out_dir:
     args = TrainingArguments(
-        output_dir=out_dir, max_steps=trainer_steps, per_device_train_batch_size=batch_size,
+        output_dir=out_dir, max_steps=trainer_steps, per_device_train_batch_size=tower_batch_size,
         per_device_eval_batch_size=1024, learning_rate=1e-4, warmup_steps=max(1, trainer_steps // 10),
         lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0,
         eval_strategy="steps", eval_steps=max(1, trainer_steps // 2), save_strategy="steps",
@@ -620,10 +766,11 @@ with tempfile.TemporaryDirectory() as out_dir:
     trainer_seconds = time.perf_counter() - began
 trainer_acc = accuracy(hf_model, "test")
 print(f"Trainer, top-k: {trainer_steps} steps in {trainer_seconds:.1f} s, test accuracy {trainer_acc:.3f}")
-print("what it did for us:", type(trainer.optimizer).__name__, "with", len(trainer.optimizer.param_groups),
+print("what it did for us:", type(trainer.optimizer).__name__, "(accelerate's wrapper) around",
+      type(trainer.optimizer.optimizer).__name__, "with", len(trainer.optimizer.param_groups),
       "parameter groups;", type(trainer.lr_scheduler).__name__, "; evaluations:",
       [round(r["eval_accuracy"], 3) for r in trainer.state.log_history if "eval_accuracy" in r])
-mmcourse.record("test_accuracy_trainer", trainer_acc, at_least=max(0.5, majority + 0.3))
+mmcourse.record("test_accuracy_trainer", trainer_acc, at_least=0.78)
 
 # %% [markdown]
 # ## 8. Where the errors are
@@ -636,8 +783,7 @@ mmcourse.record("test_accuracy_trainer", trainer_acc, at_least=max(0.5, majority
 from sklearn.metrics import classification_report, confusion_matrix
 
 best_name = table["best val accuracy"].idxmax()
-with torch.no_grad():
-    predicted = models[best_name](data["test"]["q"].to(device), data["test"]["v"].to(device)).argmax(-1).cpu()
+predicted = predictions[best_name]
 print(f"best by validation: {best_name}\n")
 print(classification_report(data["test"]["y"], predicted, labels=range(len(answers)), target_names=answers,
                             digits=3, zero_division=0))
@@ -649,6 +795,15 @@ ax.set_yticks(range(len(answers)), answers, fontsize=8)
 ax.set(xlabel="predicted answer", ylabel="true answer", title=f"Confusion matrix, test ({best_name})")
 fig.colorbar(im, ax=ax, label="scenes")
 plt.show()
+off = cm - np.diag(np.diag(cm))  # errors only
+worst = [(answers[i], answers[j], off[i, j]) for i, j in zip(*np.unravel_index(np.argsort(-off, axis=None)[:4], off.shape), strict=True)]
+print("largest confusions (true -> predicted: scenes):", ", ".join(f"{a} -> {b}: {n}" for a, b, n in worst))
+
+# %% [markdown]
+# Reading the matrix: the diagonal holds the right answers; the largest off-diagonal
+# cells, printed above, are swaps between *yes* and *no* (an `exists` question whose
+# colour and shape words were matched wrongly against the scene) and between shapes
+# (questions that need the image tower's shape, where its remaining errors show).
 
 # %% [markdown]
 # ## 9. Pitfalls from the source code
@@ -682,9 +837,11 @@ print("cross_entropy(sequence logits, labels) =", round(F.cross_entropy(seq_logi
 # > network. Token ids are *names* in a vocabulary, not quantities: their distances
 # > follow the order of the vocabulary file, not meaning. The numbers below compare the
 # > distance between ids with the cosine between the pretrained embeddings of the same
-# > words: only the second says that "crimson" is closer to "red" than "square" is. Fuse
-# > embeddings (MiniLM's output, as above),
-# > never ids.
+# > words. By id, "blue" and even "square" are far nearer to "red" than "crimson" is; by
+# > embedding, "crimson" is nearer to "red" than "square" is - though "blue" is nearer
+# > still: a word embedding encodes how words are used (red and blue are both common
+# > colour words), not only synonymy, which is one more reason a task can profit from
+# > adapting the tower. Fuse embeddings (MiniLM's output, as above), never ids.
 
 # %%
 words = ["red", "crimson", "blue", "square"]
@@ -693,7 +850,8 @@ with torch.no_grad():
     emb = minilm.embeddings.word_embeddings.weight[ids]  # (4, 384)
 cos = F.cosine_similarity(emb[:, None], emb[None], dim=-1)
 print("ids:", dict(zip(words, ids, strict=True)))
-print(f"|id(red) - id(crimson)| = {abs(ids[0] - ids[1])}, |id(red) - id(blue)| = {abs(ids[0] - ids[2])}")
+print(f"|id(red) - id(crimson)| = {abs(ids[0] - ids[1])}, |id(red) - id(blue)| = {abs(ids[0] - ids[2])}, "
+      f"|id(red) - id(square)| = {abs(ids[0] - ids[3])}")
 print(f"embedding cosine: red-crimson {cos[0, 1]:.2f}, red-blue {cos[0, 2]:.2f}, red-square {cos[0, 3]:.2f}")
 
 # %% [markdown]
@@ -727,7 +885,12 @@ print(pd.DataFrame({"logit": logit, "target": target, "BCEWithLogits(logit)": ri
 #   ends the run gently. `mmcourse.train.fit` adds clipping, early stopping and the
 #   best-weight restore; `transformers.Trainer` does the same from `TrainingArguments`.
 # - Probe first: cheap, and a strong baseline. Top-k, full and LoRA adapt the tower;
-#   LoRA does it with a few per cent of the trainable weights and mergeable adapters.
+#   LoRA does it with under 1 % of full fine-tuning's trainable weights (the head
+#   included; its adapters alone are fewer still, both printed in section 6) and
+#   mergeable adapters.
+# - Measure what a strategy buys on the data you have: here, on questions in held-out
+#   phrasings and with the CPU budget's few steps, adapting the tower did not beat the
+#   probe (section 6).
 #
 # ## Exercises
 #
@@ -757,7 +920,11 @@ q2.check(adamw)
 
 # %%
 def lora_forward(x, W, b, A, B, alpha, r):
-    """Exercise 3: h = W x + b + (alpha / r) B A x for a batch x of shape (N, D_in)."""
+    """Exercise 3: h = W x + b + (alpha / r) B A x, one example per row of x.
+
+    Shapes: x (N, D_in), W (D_out, D_in), b (D_out,), A (r, D_in), B (D_out, r); return (N, D_out).
+    With one example per row, W x becomes x @ W.T.
+    """
     raise NotImplementedError
 
 
@@ -766,7 +933,7 @@ q3.check(lora_forward)
 # %% [markdown]
 # **Exercise 4.** You must adapt one pretrained MiniLM to 50 different customers' tasks,
 # storing as little as possible per task while still letting the tower's features change.
-# Which strategy? (a) full fine-tuning, (b) top-k layers, (c) LoRA, (d) linear probe.
+# Which strategy? (a) full fine-tuning, (b) top-k layers, (c) LoRA, (d) probe (head only).
 
 # %%
 answer = ...  # "a", "b", "c" or "d"

@@ -225,6 +225,20 @@ def test_early_stopping_and_best_restore():
         torch.testing.assert_close(v, snapshots[1][k], atol=0, rtol=0)
 
 
+def test_patience_running_out_at_the_last_step_is_no_early_stop():
+    x, y = _data()
+    values = iter([0.9, 0.5, 0.5, 0.5])
+    cfg = _cfg(max_steps=12, eval_every=3, patience=3, lr=0.01)
+    result = fit(
+        _model(),
+        [(x, y)],
+        loss_fn=_loss,
+        config=cfg,
+        evaluate_fn=lambda m: {"accuracy": next(values)},
+    )
+    assert result.steps == 12 and result.best_step == 3 and not result.stopped_early
+
+
 def test_mode_min_and_no_restore():
     x, y = _data()
     model = _model()

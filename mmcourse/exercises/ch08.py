@@ -170,9 +170,9 @@ def _check_choice(answer) -> None:
     why = {
         "a": "not (a): full fine-tuning keeps a whole copy of the 22.7 M weights per task, and "
         "AdamW two more for its moments while training - the most memory, not the least",
-        "b": "not (b): top-k layers still stores a full model per task (the frozen part is "
-        "shared, but the top blocks are whole copies)",
-        "d": "not (d): a linear probe trains the fewest parameters but cannot change the "
+        "b": "not (b): top-k layers shares the frozen lower blocks but stores full copies of "
+        "the top k blocks per task - millions of numbers, where LoRA stores a few matrices",
+        "d": "not (d): a probe (head only) trains the fewest parameters but cannot change the "
         "features at all; the question asked for the tower to adapt",
     }
     if letter in why:
@@ -186,7 +186,7 @@ q4 = Exercise(
         "Which strategy stores only a few matrices per task, and still changes the tower's features?"
     ],
     solution_text=(
-        "(c). LoRA: per task only A and B (well under 5 % of the weights) are stored and "
+        "(c). LoRA: per task only A and B (under 1 % of MiniLM's weights here) are stored and "
         "trained, the frozen tower is shared by all tasks, and the features still adapt; "
         "the adapters can even be merged into W for inference at no extra cost."
     ),
