@@ -32,6 +32,7 @@ Taught in notebooks/09_knowledge_distillation.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -183,6 +184,29 @@ def hard_label_loss(logits: Tensor, labels: Tensor, *, ignore_index: int = -100)
 # --- attention maps --------------------------------------------------------------------------
 
 
+def uniform_layer_map(num_student: int, num_teacher: int) -> dict[int, int]:
+    """TinyBERT's uniform layer map g(m) = ceil(m * L_t / L_s), blocks counted from 1.
+
+    Student block m (1..L_s) learns from teacher block g(m); the last block always maps to
+    the last (g(L_s) = L_t). Counted from 1, the result is directly a ``hidden_layer_map``
+    (``hidden_states[m]`` is the output of block m; 0, the embeddings, is not mapped); for
+    an ``attention_layer_map`` subtract 1 from both sides (block m's map is
+    ``attentions[m - 1]``).
+
+    Args:
+        num_student: L_s, the student's blocks.
+        num_teacher: L_t, the teacher's blocks.
+
+    Returns:
+        ``{m: g(m)}`` for m = 1..L_s, e.g. ``{1: 3, 2: 6}`` for 2 and 6 blocks,
+        ``{1: 2, 2: 3, 3: 5, 4: 6}`` for 4 and 6.
+
+    Taught in notebooks/09_knowledge_distillation.
+    """
+    positive_int(num_student=num_student, num_teacher=num_teacher)
+    return {m: math.ceil(m * num_teacher / num_student) for m in range(1, num_student + 1)}
+
+
 def _check_layer_map(layer_map: Mapping[int, int], num_student: int, num_teacher: int) -> None:
     if not isinstance(layer_map, Mapping) or not layer_map:
         raise ValueError(
@@ -288,9 +312,9 @@ def attention_distill_loss(
     Args:
         student_attn: one (B, Hs, N, N) map per student block.
         teacher_attn: one (B, Ht, N, N) map per teacher block.
-        layer_map: ``{student block: teacher block}``, indices from 0, e.g. ``{0: 2, 1: 5}``
-            for a 2-block student and a 6-block teacher (TinyBERT's uniform map
-            g(m) = m * 6 / 2, counted from 1).
+        layer_map: ``{student block: teacher block}``, list indices from 0 (block m counted
+            from 1 is index m - 1), e.g. ``{0: 2, 1: 5}`` for a 2-block student and a 6-block
+            teacher: :func:`uniform_layer_map` ``{1: 3, 2: 6}`` shifted by one.
         loss, heads, attention_mask: as in :func:`attention_map_loss`.
 
     Returns:
@@ -357,8 +381,9 @@ def hidden_state_loss(
 class HiddenStateDistiller(nn.Module):
     """Hidden-state distillation with one learned projection Ds -> Dt per mapped student layer.
 
-    (TinyBERT writes W_h per layer; its released code shares one. One per layer costs
-    Ds * Dt more weights each and lets each layer live in its own basis.)
+    (TinyBERT learns a single W_h shared by all layers. We learn one W_h^(m) per mapped
+    layer: it costs Ds * Dt + Dt more weights per layer and lets each layer keep its own
+    basis.)
 
     Args:
         student_dim: Ds.
@@ -706,6 +731,7 @@ __all__ = [
     "soft_label_loss",
     "hard_label_loss",
     "kd_loss",
+    "uniform_layer_map",
     "attention_map_loss",
     "attention_distill_loss",
     "hidden_state_loss",

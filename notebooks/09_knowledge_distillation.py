@@ -16,9 +16,9 @@
 # %% [markdown]
 # # 09 · Knowledge distillation
 #
-# A fine-tuned MiniLM has 22.7 million parameters and six 384-wide layers. A model that
-# answers millions of requests, or runs on a phone, wants something a hundred times
-# smaller. **Knowledge distillation** (知识蒸馏) trains such a small **student model**
+# A fine-tuned MiniLM has six 384-wide blocks and over twenty million parameters (section
+# 4 prints the count). A model that answers millions of requests, or runs on a phone, wants
+# something far smaller. **Knowledge distillation** (知识蒸馏) trains such a small **student model**
 # (学生模型) to imitate a large **teacher model** (教师模型) instead of learning from the
 # labels alone. 004 §4.3 names three ways to do it - **soft label distillation**
 # (软标签蒸馏), **attention distillation** (注意力蒸馏) and **intermediate layer
@@ -32,8 +32,9 @@
 seed = 0  # random seed: data, teacher head and the first student seed
 device = "auto"  # "auto" picks cuda, then mps, then cpu
 max_length = 16  # tokens per caption after truncation ([CLS] and [SEP] included; full: 32)
-num_transfer = 400  # captions the teacher labels (the transfer set; full: 4000)
-num_labelled = 50  # of those, captions the student may see the true label of (full: 50)
+num_teacher_labels = 400  # labelled captions the teacher is fine-tuned on (full: 4000)
+num_labelled = 50  # of those, the captions whose label the student may use too (full: 50)
+num_transfer = 400  # unlabelled captions the teacher labels for the student (the transfer set; full: 4000)
 num_test = 300  # test captions (full: 2000)
 teacher_steps = 40  # fine-tuning steps of the teacher's last layer and head (full: 300)
 student_steps = 120  # training steps per student (full: 1000)
@@ -58,11 +59,12 @@ from mmcourse import utils
 from mmcourse.plotting import setup_notebook
 
 utils.positive_int(max_length=max_length, num_transfer=num_transfer, num_labelled=num_labelled,
+                   num_teacher_labels=num_teacher_labels,
                    num_test=num_test, teacher_steps=teacher_steps, student_steps=student_steps,
                    student_dim=student_dim, student_layers=student_layers, num_seeds=num_seeds)
 utils.non_negative_int(cpu_threads=cpu_threads)
-if num_labelled > num_transfer:
-    raise ValueError(f"num_labelled must be <= num_transfer={num_transfer}, got {num_labelled}")
+if num_labelled > num_teacher_labels:
+    raise ValueError(f"num_labelled must be <= num_teacher_labels={num_teacher_labels}, got {num_labelled}")
 if max_length < 10:
     raise ValueError(f"max_length must be >= 10 so that the first object always fits, got {max_length}")
 if student_dim % 4:
@@ -82,10 +84,11 @@ print("computing on", device, f"({torch.get_num_threads()} thread(s))" if device
 #
 # A label says "this caption shows a **red circle**". A trained teacher says more: its
 # probabilities over the 24 classes also say which *wrong* answers are almost right - a
-# red square more than a green triangle. Hinton et al. call this **dark knowledge**
-# (暗知识). At the usual softmax the teacher is so sure that the wrong classes get
-# probabilities like $10^{-6}$, invisible to a loss. A **temperature** (温度) $T$ divides
-# the logits $z$ before the softmax and makes them visible:
+# red square more than a green triangle. Hinton called this **dark knowledge** (暗知识) in
+# his talks, and the 2015 paper with Vinyals and Dean made the term widely known. At the
+# usual softmax a confident teacher leaves the wrong classes tiny probabilities (section 4
+# measures how tiny for our teacher), which barely move a loss. A **temperature** (温度)
+# $T$ divides the logits $z$ before the softmax and makes them larger:
 #
 # $$p_i^T = \frac{\exp(z_i / T)}{\sum_j \exp(z_j / T)}.$$
 #
@@ -97,13 +100,13 @@ print("computing on", device, f"({torch.get_num_threads()} thread(s))" if device
 from mmcourse import distill
 
 z = torch.tensor([6.0, 4.0, 3.5, 1.0, 0.0, -1.0])  # a teacher's logits over six classes
-fig, axes = plt.subplots(1, len(sweep), figsize=(9, 2.4), sharey=True)
-for ax, T in zip(axes, sweep, strict=True):
+fig, axes = plt.subplots(1, len(sweep), figsize=(9, 2.4), sharey=True, squeeze=False)
+for ax, T in zip(axes[0], sweep, strict=True):
     p = distill.softmax_with_temperature(z, T)  # p^T
     ax.bar(range(len(z)), p.numpy(), color="tab:blue")
     ax.set_title(f"T = {T:g}")
     ax.set_xlabel("class i")
-axes[0].set_ylabel("$p_i^T$")
+axes[0, 0].set_ylabel("$p_i^T$")
 fig.suptitle("The same logits, softened by the temperature")
 plt.show()
 
@@ -174,7 +177,7 @@ print(grad_table.to_string())
 # > **Common pitfall: `reduction="mean"`, a missing $T^2$, and probabilities where
 # > log-probabilities belong.** Code found online often writes
 # > `nn.KLDivLoss()(F.log_softmax(z_s / T), F.softmax(z_t / T))`. Three mistakes hide
-# > there. (1) The old default `reduction="mean"` averages over *all* $B \cdot C$
+# > there. (1) The default, `reduction="mean"`, averages over *all* $B \cdot C$
 # > entries, so the loss is $C$ times too small (PyTorch warns that `"batchmean"` is the
 # > mathematically correct choice). (2) Without `* T**2` the soft term fades as $1/T^2$
 # > (table above). (3) `F.kl_div(input, target)` expects `input` as **log**-probabilities
@@ -201,18 +204,31 @@ print("PyTorch's own warning:", str(caught[0].message).split(".")[0] if caught e
 # picture of a big crimson disk on the left and a cobalt box"). The task: read the caption
 # and name the colour and shape of the **first** object, one of 24 classes (20 occur in
 # these splits; chapter 00 explains the held-out pairs). The words are a closed, generated
-# vocabulary, and the data are procedurally generated from the seed.
+# vocabulary, and the data are procedurally generated from the seed. The task is text only
+# because distillation needs a large pretrained teacher and many inputs to ask it about;
+# chapter 08's model has a text side of only a handful of fixed questions, nothing worth
+# distilling.
 #
-# The setting of distillation with a **transfer set** (迁移集): the teacher has been
-# fine-tuned with labels for `num_transfer` captions; the student gets the true label of
-# only `num_labelled` of them, but may ask the teacher about all of them.
+# The setting of distillation with a **transfer set** (迁移集): the teacher was
+# fine-tuned on `num_teacher_labels` labelled captions that the student may not use (think
+# of a model trained on someone else's data), except for `num_labelled` of them. Besides
+# those few labels, the student may ask the teacher about `num_transfer` **unlabelled**
+# captions of its own, the transfer set. The teacher never saw those, so it is not always
+# right on them.
 
 # %%
 from mmcourse.data import shapes
 from mmcourse.pretrained import load_text_encoder
 
 tokenizer, minilm = load_text_encoder()
-transfer = shapes.generate_shapes(num_transfer, split="train")
+labelled = shapes.generate_shapes(num_teacher_labels, split="validation")  # the teacher's labelled captions
+unlabelled = shapes.generate_shapes(num_transfer, split="train")  # the transfer set
+# rows: [the student's num_labelled labelled | the transfer set | the teacher's other labelled]
+transfer = {k: labelled[k][:num_labelled] + unlabelled[k] + labelled[k][num_labelled:]
+            for k in ("caption", "objects")}
+transfer["label"] = np.concatenate([labelled["label"][:num_labelled], unlabelled["label"],
+                                    labelled["label"][num_labelled:]])
+n_pool = num_labelled + num_transfer  # the captions the student trains on: rows [0, n_pool)
 test = shapes.generate_shapes(num_test, split="test")
 
 
@@ -225,13 +241,14 @@ def tokenize(captions):
 ids_tr, mask_tr = tokenize(transfer["caption"])
 ids_te, mask_te = tokenize(test["caption"])
 y_tr, y_te = torch.from_numpy(transfer["label"]), torch.from_numpy(test["label"])
-student_labels = y_tr.clone()
-student_labels[num_labelled:] = -100  # ignore_index: the student never sees these labels
+student_labels = y_tr[:n_pool].clone()
+student_labels[num_labelled:] = -100  # ignore_index: nobody sees the transfer set's labels
 num_classes = len(shapes.CLASS_NAMES)
 for i in range(3):
     print(f"{shapes.CLASS_NAMES[y_tr[i]]:>16} <- {transfer['caption'][i]!r}")
 print("tokens:", tokenizer.convert_ids_to_tokens(ids_tr[0]))
-print(f"transfer set {len(y_tr)} captions ({num_labelled} labelled for the student), test {len(y_te)}; "
+print(f"teacher: {num_teacher_labels} labelled captions; student: {num_labelled} of them + a transfer set of "
+      f"{num_transfer} unlabelled ones; test {len(y_te)}; "
       f"chance = {1 / len(set(y_te.tolist())):.3f}")
 
 # %% [markdown]
@@ -241,9 +258,13 @@ print(f"transfer set {len(y_tr)} captions ({num_labelled} labelled for the stude
 # mean of its token vectors. We copy its weights into the course's `TextEncoder`
 # (chapter 04 showed both give the same numbers; we check once more), wrapped in
 # `distill.TextClassifier`, which also returns every layer's hidden states and attention
-# maps. To keep the chapter fast, blocks 0-4 stay frozen: their outputs are computed
-# **once** for every caption, and only block 5 and the head are fine-tuned on them with
-# `mmcourse.train.fit`.
+# maps. To keep the chapter fast, blocks 1-5 stay frozen: their outputs are computed
+# **once** for every caption, and only block 6 and the head are fine-tuned, on the
+# `num_teacher_labels` labelled captions, with `mmcourse.train.fit`.
+#
+# Blocks are counted **from 1** in this chapter, as in the papers (the teacher has blocks
+# 1-6). Python's lists count from 0: block $m$'s attention map is `attentions[m - 1]`,
+# its output is `hidden_states[m]`, and `hidden_states[0]` is the embeddings' output.
 
 # %%
 from mmcourse.encoders import TextEncoder, TextEncoderConfig, count_parameters, load_from_bert
@@ -262,19 +283,19 @@ teacher.to(device)
 
 @torch.no_grad()
 def teacher_cache(ids, mask, batch=128):
-    """Block 5's input for every caption, and what the frozen blocks give the student to copy."""
-    keep = {"h5": [], "h3": [], "a2": []}
+    """What the frozen blocks 1-5 give: hidden_states[0..5] and attentions of blocks 1-5."""
+    hidden, attn = [], []
     for i in range(0, len(ids), batch):
         out = teacher(ids[i:i + batch].to(device), mask[i:i + batch].to(device),
                       output_hidden_states=True, output_attentions=True)
-        keep["h5"].append(out.hidden_states[5])  # (b, N, 384): input of block 5
-        keep["h3"].append(out.hidden_states[3])  # (b, N, 384): output of block 3
-        keep["a2"].append(out.attentions[2])  # (b, 12, N, N): block 2's attention
-    return {k: torch.cat(v) for k, v in keep.items()}
+        hidden.append(torch.stack(out.hidden_states[:6]))  # (6, b, N, 384): embeddings, blocks 1-5
+        attn.append(torch.stack(out.attentions[:5]))  # (5, b, 12, N, N): blocks 1-5
+    return {"hidden": torch.cat(hidden, 1), "attention": torch.cat(attn, 1)}
 
 
 start = time.perf_counter()
 cache_tr, cache_te = teacher_cache(ids_tr, mask_tr), teacher_cache(ids_te, mask_te)
+h5_tr, h5_te = cache_tr["hidden"][5], cache_te["hidden"][5]  # (n, N, 384): block 6's input
 print(f"frozen blocks run once over {len(ids_tr) + len(ids_te)} captions in {time.perf_counter() - start:.1f} s")
 
 # %%
@@ -286,76 +307,92 @@ mask_tr, mask_te, y_tr_d, y_te_d = mask_tr.to(device), mask_te.to(device), y_tr.
 
 
 def teacher_accuracy(model):
-    logits = model.forward_from(cache_te["h5"], mask_te, start_layer=5).logits
+    logits = model.forward_from(h5_te, mask_te, start_layer=5).logits
     return {"accuracy": (logits.argmax(-1) == y_te_d).float().mean().item()}
 
 
-order = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(seed))
+teacher_rows = torch.cat([torch.arange(num_labelled), torch.arange(n_pool, len(y_tr))])  # labelled rows only
+order = teacher_rows[torch.randperm(len(teacher_rows), generator=torch.Generator().manual_seed(seed))]
 teacher_batches = [order[i:i + 32] for i in range(0, len(order), 32)]
 teacher_fit = fit(
     teacher,
     teacher_batches,
     loss_fn=lambda m, idx: F.cross_entropy(
-        m.forward_from(cache_tr["h5"][idx], mask_tr[idx], start_layer=5).logits, y_tr_d[idx]),
+        m.forward_from(h5_tr[idx], mask_tr[idx], start_layer=5).logits, y_tr_d[idx]),
     config=TrainConfig(max_steps=teacher_steps, lr=2e-3, warmup_steps=5, device=str(device), progress=False),
     optimizer=torch.optim.AdamW([p for p in teacher.parameters() if p.requires_grad], lr=2e-3),
 )
 teacher.eval()
 teacher_acc = teacher_accuracy(teacher)["accuracy"]
 print(f"teacher: {count_parameters(teacher) / 1e6:.1f} M parameters, {count_parameters(teacher, trainable_only=True) / 1e6:.2f} M "
-      f"fine-tuned in {teacher_fit.seconds:.1f} s; test accuracy {teacher_acc:.3f}")
+      f"fine-tuned on {num_teacher_labels} labelled captions in {teacher_fit.seconds:.1f} s; test accuracy {teacher_acc:.3f}")
 mmcourse.record("teacher_accuracy", teacher_acc, at_least=0.85)
 
 # %% [markdown]
-# Now the teacher is frozen for good. Everything the students will copy is computed once:
-# the logits on the transfer set, the hidden states of layers 3 and 6 and the attention
-# maps of blocks 2 and 5 (blocks 0-4 did not change, so their part of the cache stands).
+# Now the teacher is frozen for good. Everything the students may copy is computed once,
+# for the student's labelled captions and the transfer set: the logits, every hidden state and every
+# attention map (blocks 1-5 did not change, so their part of the cache stands; block 6 is
+# run again). How often is the teacher right on the transfer set, which it never saw?
 
 # %%
 with torch.no_grad():
-    top = teacher.forward_from(cache_tr["h5"], mask_tr, start_layer=5,
-                               output_hidden_states=True, output_attentions=True)
+    top = teacher.forward_from(h5_tr[:n_pool], mask_tr[:n_pool], start_layer=5, output_hidden_states=True,
+                               output_attentions=True)
 targets = {
-    "logits": top.logits,  # (num_transfer, C)
-    "hidden": {3: cache_tr["h3"], 6: top.hidden_states[-1]},  # (num_transfer, N, 384) each
-    "attention": {2: cache_tr["a2"], 5: top.attentions[-1]},  # (num_transfer, 12, N, N) each
+    "logits": top.logits,  # (n_pool, C)
+    "hidden": [*cache_tr["hidden"][:, :n_pool], top.hidden_states[-1]],  # 7 x (n_pool, N, 384): embeddings, blocks 1-6
+    "attention": [*cache_tr["attention"][:, :n_pool], top.attentions[-1]],  # 6 x (n_pool, 12, N, N): blocks 1-6
 }
-print("teacher agrees with the true label on", f"{(top.logits.argmax(-1) == y_tr_d).float().mean().item():.3f}",
-      "of the transfer set")
+teacher_right = top.logits.argmax(-1) == y_tr_d[:n_pool]
+transfer_acc = teacher_right[num_labelled:].float().mean().item()
+print(f"teacher's arg-max = true label on {teacher_right[:num_labelled].float().mean().item():.3f} of the student's "
+      f"labelled captions (which it was fine-tuned on) and on {transfer_acc:.3f} of the transfer set (never seen)")
 
 # %% [markdown]
 # ### What the soft labels say
 #
-# The teacher's distribution for three captions, at rising temperatures. The dark
-# knowledge is *structured*: the mass that the true class does not take goes first to the
-# classes that share its colour or its shape, or to the class of another object the
-# caption mentions.
+# The teacher's distribution for three captions of the transfer set, at rising
+# temperatures: two where it is right and the first where it is wrong. The dark knowledge
+# is *structured*: the mass that the true class does not take goes first to the classes
+# that share its colour or its shape, or to the class of another object the caption
+# mentions.
 
 # %%
 names = shapes.CLASS_NAMES
-fig, axes = plt.subplots(3, len(sweep), figsize=(10, 6), sharex=True)
-for row, i in enumerate([0, 1, 2]):
-    for col, T_ in enumerate(sweep):
+wrong_rows = [num_labelled + k for k in range(num_transfer) if not teacher_right[num_labelled + k]]
+shown = [num_labelled, num_labelled + 1] + wrong_rows[:1]
+fig = plt.figure(figsize=(11, 2.6 * len(shown)))
+for row, (subfig, i) in enumerate(zip(fig.subfigures(len(shown), 1), shown, strict=True)):
+    subfig.suptitle(f'"{transfer["caption"][i]}"', fontsize=8)
+    axes = subfig.subplots(1, len(sweep), sharey=True, squeeze=False)[0]
+    for ax, T_ in zip(axes, sweep, strict=True):
         p = distill.softmax_with_temperature(targets["logits"][i].cpu(), T_)
-        bars = axes[row, col].bar(range(num_classes), p.numpy(), color="lightgray")
+        bars = ax.bar(range(num_classes), p.numpy(), color="lightgray")
+        bars[int(p.argmax())].set_color("tab:orange")  # the teacher's arg-max (hidden by red if right)
         bars[int(y_tr[i])].set_color("tab:red")
-        axes[row, col].set_ylim(0, 1)
-        if row == 0:
-            axes[row, col].set_title(f"T = {T_:g}")
-    axes[row, 0].set_ylabel(transfer["caption"][i][:28] + "...", fontsize=7)
-for ax in axes[-1]:
-    ax.set_xticks(range(num_classes), names, rotation=90, fontsize=6)
-fig.suptitle("Teacher soft labels (red: the true class)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"T = {T_:g}", fontsize=8)
+        ax.set_xticks(range(num_classes), names if row == len(shown) - 1 else [], rotation=90, fontsize=7)
+    axes[0].set_ylabel("$p_k^T$")
+fig.suptitle("Teacher soft labels on the transfer set (red: the true class; orange: the teacher's wrong arg-max)",
+             y=1.03)
 plt.show()
 
 # %% [markdown]
-# Measured over the whole transfer set at $T = 4$: where does the mass that misses the
-# true class go? Per wrong class, on average:
+# Measured over the student's training captions: how much probability does a wrong class
+# get at $T = 1$, and where does the mass that misses the true class go at $T = 4$? Per
+# wrong class, on average:
 
 # %%
+p1 = distill.softmax_with_temperature(targets["logits"].cpu(), 1.0)
+is_wrong = torch.ones_like(p1, dtype=torch.bool)
+is_wrong[torch.arange(n_pool), y_tr[:n_pool]] = False
+wrong_p1 = p1[is_wrong].mean().item()
+print(f"T = 1: mean probability of a wrong class {wrong_p1:.4f} (median {p1[is_wrong].median().item():.1e}); "
+      f"of the true class {p1[~is_wrong].mean().item():.3f}")
 p4 = distill.softmax_with_temperature(targets["logits"].cpu(), 4.0)
 groups = {"same colour": [], "same shape": [], "another object in the caption": [], "unrelated": []}
-for i, objects in enumerate(transfer["objects"]):
+for i, objects in enumerate(transfer["objects"][:n_pool]):
     true = int(y_tr[i])
     others = {shapes.class_id(shape=o["shape"], colour=o["colour"]) for o in objects[1:]}
     for k in range(num_classes):
@@ -370,7 +407,7 @@ for i, objects in enumerate(transfer["objects"]):
         else:
             groups["unrelated"].append(p4[i, k].item())
 dark = {name: float(np.mean(v)) for name, v in groups.items()}
-print(pd.Series(dark, name="mean p_k^4 per wrong class").round(4).to_string())
+print("T = 4:\n" + pd.Series(dark, name="mean p_k^4 per wrong class").round(4).to_string())
 dark_ratio = min(dark["same colour"], dark["same shape"]) / dark["unrelated"]
 mmcourse.record("dark_knowledge_ratio", dark_ratio, at_least=1.3)
 
@@ -400,49 +437,63 @@ def make_student(seed_):
 
 
 n_teacher, n_student = count_parameters(teacher), count_parameters(make_student(seed))
-print(f"student vocabulary {student_config.vocab_size} tokens; parameters: teacher {n_teacher:,}, "
-      f"student {n_student:,} ({n_teacher / n_student:.0f}x fewer)")
+# the word-embedding table is a lookup, no compute: compare the rest too
+n_teacher_body = n_teacher - teacher.encoder.embeddings.word_embeddings.weight.numel()
+n_student_body = n_student - make_student(seed).encoder.embeddings.word_embeddings.weight.numel()
+print(f"student vocabulary {student_config.vocab_size} tokens (teacher {teacher_config.vocab_size:,})")
+print(f"parameters: teacher {n_teacher:,}, student {n_student:,} ({n_teacher / n_student:.0f}x fewer)")
+print(f"without the word-embedding tables: teacher {n_teacher_body:,}, student {n_student_body:,} "
+      f"({n_teacher_body / n_student_body:.0f}x fewer)")
 
 # %% [markdown]
 # ## 6. Attention and hidden-state distillation
 #
 # Soft labels only say what the teacher *concludes*. TinyBERT and MiniLM also copy *how*
-# it gets there. A map $g$ pairs each student layer $m$ with a teacher layer $g(m)$
-# (uniformly, $g(m) = m \cdot L_t / L_s$: here student block 1 with teacher block 3,
-# block 2 with block 6, counting from 1).
+# it gets there. TinyBERT pairs each student block $m = 1, \dots, L_s$ with a teacher
+# block through the uniform map $g(m) = \lceil m \cdot L_t / L_s \rceil$
+# (`distill.uniform_layer_map`; the ceiling only matters when $L_s$ does not divide
+# $L_t$). The cell below prints the map for this run's `student_layers`.
 #
 # **Attention distillation.** With $A^{s}_{m}, A^{t}_{g(m)} \in \mathbb{R}^{N \times N}$ the
-# attention distributions (each row sums to one), MiniLM minimises, per query row $i$,
+# attention distributions (each row sums to one), the loss used here is
 #
-# $$\mathcal{L}_{attn} = \frac{1}{|g|} \sum_m \frac{1}{N} \sum_{i} \mathrm{KL}\!\left(A^{t}_{g(m), i} \,\|\, A^{s}_{m, i}\right)$$
+# $$\mathcal{L}_{attn} = \frac{1}{|g|} \sum_m \frac{1}{N} \sum_{i} \mathrm{KL}\!\left(A^{t}_{g(m), i} \,\|\, A^{s}_{m, i}\right),$$
 #
-# (TinyBERT uses the squared error instead; `loss="mse"`). Both papers compare head $h$
-# with head $h$, which needs as many student heads as teacher heads. Our student has 4
-# heads and the teacher 12, so we compare the **head-averaged** maps (`heads="mean"`):
-# the student copies the consensus of the teacher's heads, not each head.
+# a blend of the two papers: the per-row KL is MiniLM's, but MiniLM applies it to the
+# **last** block only (no layer map; it also matches the value vectors' relations, left
+# out here); the sum over mapped blocks is TinyBERT's, but TinyBERT takes the **squared
+# error of the scores before the softmax**. Our encoder returns only the probabilities,
+# so `loss="mse"` is the squared error of those. Both papers compare head $h$ with head
+# $h$, which needs as many student heads as teacher heads. Our student has 4 heads and
+# the teacher 12, so we compare the **head-averaged** maps (`heads="mean"`): the student
+# copies the consensus of the teacher's heads, not each head.
 #
 # **Hidden-state distillation.** The student's token vectors $H^s_m \in \mathbb{R}^{N \times D_s}$
 # are narrower than the teacher's $H^t_{g(m)} \in \mathbb{R}^{N \times D_t}$; TinyBERT
-# learns a projection $W_h \in \mathbb{R}^{D_s \times D_t}$ with the student:
+# learns one projection $W_h \in \mathbb{R}^{D_s \times D_t}$, shared by all layers,
+# with the student. We learn one $W_h^{(m)}, b_h^{(m)}$ per mapped layer instead (a few
+# more weights, and each layer keeps its own basis):
 #
-# $$\mathcal{L}_{hidn} = \frac{1}{|g|} \sum_m \mathrm{MSE}\!\left(H^s_m W_h + b_h,\; H^t_{g(m)}\right).$$
+# $$\mathcal{L}_{hidn} = \frac{1}{|g|} \sum_m \mathrm{MSE}\!\left(H^s_m W_h^{(m)} + b_h^{(m)},\; H^t_{g(m)}\right).$$
 #
-# Padding tokens are left out of both. First by hand for one pair of layers, then the
-# package:
+# Padding tokens are left out of both. First by hand for one pair of blocks, the
+# student's last and the teacher's block 6, then the package:
 
 # %%
+g_map = distill.uniform_layer_map(student_layers, teacher.num_layers)  # {student block: teacher block}, from 1
+print("layer map g (blocks counted from 1):", g_map)
 idx = torch.arange(8, device=device)
 probe = make_student(seed)
 out = probe(sids_tr[idx], mask_tr[idx], output_hidden_states=True, output_attentions=True)
 w = mask_tr[idx].float()  # (B, N): 1 = real token
 A_s = out.attentions[-1].mean(1)  # (B, N, N): student's last block, heads averaged
-A_t = targets["attention"][5][idx].mean(1)  # (B, N, N): teacher block 6 (index 5)
+A_t = targets["attention"][5][idx].mean(1)  # (B, N, N): teacher block 6 (list index 5)
 kl_rows = torch.where(A_t > 0, A_t * (torch.log(A_t) - torch.log(A_s)), 0.0).sum(-1)  # (B, N); 0 log 0 = 0
 attn_by_hand = (kl_rows * w).sum() / w.sum()
 attn_pkg = distill.attention_map_loss(out.attentions[-1], targets["attention"][5][idx], attention_mask=mask_tr[idx])
 torch.testing.assert_close(attn_pkg, attn_by_hand)
 
-W_h = nn.Linear(student_dim, 384).to(device)  # the learned projection W_h, b_h
+W_h = nn.Linear(student_dim, 384).to(device)  # the learned projection W_h^(m), b_h^(m)
 err = ((W_h(out.hidden_states[-1]) - targets["hidden"][6][idx]) ** 2).mean(-1)  # (B, N)
 hid_by_hand = (err * w).sum() / w.sum()
 torch.testing.assert_close(distill.hidden_state_loss(out.hidden_states[-1], targets["hidden"][6][idx],
@@ -458,18 +509,24 @@ print(f"attention KL {attn_pkg.item():.3f}, hidden MSE {hid_by_hand.item():.3f} 
 #
 # ## 7. The experiment
 #
-# Every student trains for `student_steps` AdamW steps on batches of the transfer set
-# (the hard-label students only on their `num_labelled` captions), the cross-entropy
-# applied only to the labelled captions. The methods:
+# Every student trains for `student_steps` AdamW steps on batches of its `num_labelled`
+# labelled captions and the `num_transfer` captions of the transfer set (the hard-label
+# students on the labelled captions only). The weights are not the $\alpha$ and
+# $1 - \alpha$ of section 2: every run below uses `DistillConfig`'s defaults,
+# $w_{soft} = w_{hard} = 1$, and $w_{attn} = w_{hidn} = 1$ where those terms are on. The
+# methods:
 #
 # * **hard labels**: the labelled captions only - no teacher;
-# * **teacher's hard labels**: the teacher's arg-max as a label on every caption (pseudo-labels);
-# * **soft labels (KD)**: $T^2\,\mathrm{KL}$ on every caption + CE on the labelled ones, over the temperatures;
-# * **+ attention**, **+ attention + hidden**: the KD loss plus the two inner terms.
+# * **teacher's hard labels**: the true label on the labelled captions and the teacher's
+#   arg-max on the transfer set, as **pseudo-labels** (伪标签): cross-entropy on every
+#   caption, no soft term;
+# * **soft labels (KD)**: $T^2\,\mathrm{KL}$ on every caption + CE on the labelled ones only, over the temperatures;
+# * **+ attention**, **+ attention + hidden**: the KD loss plus the two inner terms, on the
+#   blocks paired by $g$.
 
 # %%
-A_MAP = {0: 2, student_layers - 1: 5} if student_layers > 1 else {0: 5}  # student block -> teacher block
-H_MAP = {1: 3, student_layers: 6} if student_layers > 1 else {1: 6}  # student state -> teacher state
+A_MAP = {m - 1: t - 1 for m, t in g_map.items()}  # list indices of attentions: block m is attentions[m - 1]
+H_MAP = dict(g_map)  # indices of hidden_states: hidden_states[m] is block m's output
 pseudo = targets["logits"].argmax(-1)
 pseudo_labels = torch.where(student_labels.to(device) >= 0, student_labels.to(device), pseudo)
 
@@ -480,18 +537,18 @@ def train_student(config, seed_, *, labelled_only=False, labels=None):
     distiller = distill.Distiller(config, student_dim=student_dim, teacher_dim=384)
     model = nn.ModuleDict({"student": student, "distiller": distiller})
     labels = student_labels.to(device) if labels is None else labels
-    n = num_labelled if labelled_only else num_transfer
+    n = num_labelled if labelled_only else n_pool
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_))
     batches = [perm[i:i + 32] for i in range(0, n, 32)]
     need_attn, need_hidden = config.attention_weight > 0, config.hidden_weight > 0
 
     def loss_fn(m, i):
         o = m["student"](sids_tr[i], mask_tr[i], output_hidden_states=need_hidden, output_attentions=need_attn)
-        t_attn = [targets["attention"][k][i] if k in targets["attention"] else None for k in range(6)]
-        t_hid = [targets["hidden"][k][i] if k in targets["hidden"] else None for k in range(7)]
+        t_attn = [a[i] for a in targets["attention"]] if need_attn else None  # 6 x (b, 12, N, N)
+        t_hid = [h[i] for h in targets["hidden"]] if need_hidden else None  # 7 x (b, N, 384)
         return m["distiller"](o.logits, targets["logits"][i], labels=labels[i],
-                              student_attentions=o.attentions, teacher_attentions=t_attn if need_attn else None,
-                              student_hidden=o.hidden_states, teacher_hidden=t_hid if need_hidden else None,
+                              student_attentions=o.attentions, teacher_attentions=t_attn,
+                              student_hidden=o.hidden_states, teacher_hidden=t_hid,
                               attention_mask=mask_tr[i]).loss
 
     fit(model, batches, loss_fn=loss_fn, optimizer=torch.optim.AdamW(model.parameters(), lr=5e-3),
@@ -502,6 +559,7 @@ def train_student(config, seed_, *, labelled_only=False, labels=None):
 
 
 T_main = 4.0 if 4.0 in sweep else sweep[-1]  # fixed before any run; the sweep shows the others
+kd_name, PSEUDO = f"soft labels (T={T_main:g})", "teacher's hard labels"
 methods = {
     "hard labels": dict(config=distill.DistillConfig(soft_weight=0.0), labelled_only=True),
     "teacher's hard labels": dict(config=distill.DistillConfig(soft_weight=0.0), labels=pseudo_labels),
@@ -541,39 +599,87 @@ print(table.round(3).to_string())
 sweep_table = pd.DataFrame(sweep_rows).pivot(index="T", columns="T^2", values="accuracy")
 print("\nsoft labels, seed", seed, "- accuracy over the temperature, with and without T^2")
 print(sweep_table.round(3).to_string())
+soft_methods = [kd_name, "+ attention", "+ attention + hidden"]
+print(f"\nteacher's hard labels {table.loc[PSEUDO, 'mean']:.3f} vs the best soft-label method "
+      f"{table.loc[soft_methods, 'mean'].max():.3f} (means); seed {seed}: {results[(PSEUDO, seed)]:.3f} vs the best "
+      f"temperature of the sweep {sweep_table['with'].max():.3f}")
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 3))
 for col, style in (("with", "o-"), ("without", "s--")):
     ax.plot(sweep_table.index, sweep_table[col], style, label=f"{col} $T^2$")
-ax.axhline(table.loc["hard labels", "mean"], color="gray", ls=":", label="hard labels only")
+ax.axhline(table.loc["hard labels", "mean"], color="gray", ls=":", label="hard labels only (mean)")
+ax.axhline(results[("teacher's hard labels", seed)], color="tab:green", ls="-.",
+           label=f"teacher's hard labels (seed {seed})")
 ax.axhline(teacher_acc, color="tab:red", ls=":", label="teacher")
 ax.set_xscale("log", base=2)
 ax.set_xlabel("temperature T")
 ax.set_ylabel("test accuracy")
-ax.set_title(f"Soft-label distillation, {num_labelled} labelled + {num_transfer - num_labelled} unlabelled captions")
+ax.set_title(f"Soft-label distillation (seed {seed}), {num_labelled} labelled + {num_transfer} unlabelled captions",
+             fontsize=9)
 ax.legend(fontsize=7)
 plt.show()
 
 # %% [markdown]
-# How these numbers read depends on the run (they are printed above, not typed here), but
-# the pattern to look for: the hard-label student, with only `num_labelled` labels, never
-# meets many of the synonyms and is far below the teacher; every student that asks the
-# teacher about the unlabelled captions closes most of that gap. Without $T^2$ the soft
-# term fades as $T$ grows and the student slides back towards the hard-label one; with
-# $T^2$ the temperature matters much less. Whether the inner terms help on top of the soft
-# labels is read from the table: on a task this lexical the soft labels already say most
-# of what the student needs, and two more losses compete for a short training budget.
-# Compare also the teacher's *hard* labels: when the teacher is almost always right, its
-# arg-max carries most of what its distribution does; soft labels matter more where the
-# teacher is unsure or the transfer set is small.
+# The numbers are printed above, not typed here; read them with these questions. The
+# hard-label student, with only `num_labelled` labels, never meets many of the synonyms
+# and stays far below the teacher. Every student that asks the teacher about the transfer
+# set lands near the teacher's accuracy, some of them above it. Without $T^2$ the soft term
+# fades as $T$ grows and the student slides back towards the hard-label one; with $T^2$ the
+# temperature matters much less.
+#
+# Now the comparison the chapter is about: the teacher's **soft** labels against its
+# **hard** labels on captions it never saw, where it is sometimes wrong. The last printed
+# line sets the pseudo-label student beside the best soft-label method and the best
+# temperature of the sweep (the green line in the figure): on this task the teacher's
+# arg-max teaches the student at least as well as its softened distribution. Whether the
+# inner terms help on top of the soft labels is read from the table as well.
+#
+# So is the dark knowledge of section 4 useless here? The cell below looks where it should
+# matter: the transfer captions on which the teacher's arg-max is wrong. What do the
+# students answer there, and how sure was the teacher?
 
 # %%
-kd_name = f"soft labels (T={T_main:g})"
+t_wrong = torch.nonzero(~teacher_right[num_labelled:]).squeeze(1) + num_labelled  # rows of the transfer set
+check_rows = []
+for name in (PSEUDO, kd_name):
+    with torch.no_grad():
+        pred = students[(name, seed)](sids_tr[t_wrong], mask_tr[t_wrong]).logits.argmax(-1)
+    check_rows.append({f"student (seed {seed})": name,
+                       "= true label": (pred == y_tr_d[t_wrong]).float().mean().item(),
+                       "= teacher's wrong arg-max": (pred == pseudo[t_wrong]).float().mean().item()})
+print(f"the {len(t_wrong)} transfer captions the teacher gets wrong; what the students answer there:")
+print(pd.DataFrame(check_rows).set_index(f"student (seed {seed})").round(3).to_string())
+confidence = p1[:n_pool].max(-1).values  # the teacher's top probability at T = 1
+sure_wrong = confidence[t_wrong.cpu()].mean().item()
+sure_right = confidence[num_labelled:][teacher_right[num_labelled:].cpu()].mean().item()
+print(f"teacher's top probability at T = 1: {sure_wrong:.3f} on those captions, {sure_right:.3f} on the "
+      "transfer captions it gets right")
+copied = {r[f"student (seed {seed})"]: r["= teacher's wrong arg-max"] for r in check_rows}
+mmcourse.record("mistakes_copied_pseudo_minus_soft", copied[PSEUDO] - copied[kd_name], at_least=0.15)
+mmcourse.record("teacher_confidence_right_minus_wrong", sure_right - sure_wrong, at_least=0.1)
+
+# %% [markdown]
+# Read the two rows. The pseudo-label student was told the teacher's wrong answers as if
+# they were true, and it repeats a share of them. The soft-label student mostly gives the
+# true class there: where the teacher errs it is less sure (last line), so its soft label
+# still gives the true class real mass, and the student follows the pattern of the other
+# captions. That is the dark knowledge at work, measured. On the test set it did not pay
+# off here: the wrong pseudo-labels are few, and the soft-label student is less accurate
+# elsewhere; we have not isolated why.
+#
+# The same table gives one measured reason why students can match or beat their teacher:
+# neither student reproduces all of the teacher's mistakes, so the teacher's accuracy is
+# not a ceiling. It does not rule out other reasons (the teacher fine-tuned only its last
+# block; the student trains all of itself, on a vocabulary of this world alone).
+
+# %%
 margins = np.array([results[(kd_name, s)] - results[("hard labels", s)] for s in range(seed, seed + num_seeds)])
 best_kd = max(table.loc[[kd_name, "+ attention", "+ attention + hidden"], "mean"])
 mmcourse.record("hard_label_student_accuracy", float(table.loc["hard labels", "mean"]), at_least=0.1)
-mmcourse.record("kd_student_accuracy", float(table.loc[kd_name, "mean"]), at_least=0.85)
+mmcourse.record("kd_student_accuracy", float(table.loc[kd_name, "mean"]), at_least=0.8)
+mmcourse.record("pseudo_label_student_accuracy", float(table.loc[PSEUDO, "mean"]), at_least=0.9)
+mmcourse.record("teacher_transfer_accuracy", transfer_acc, at_least=0.85, at_most=0.995)  # right, but not always
 mmcourse.record("kd_margin_worst_seed", float(margins.min()), at_least=0.5)
 mmcourse.record("best_distilled_accuracy", float(best_kd), at_least=0.85)
 no_t2_drop = float(sweep_table.loc[max(sweep), "with"] - sweep_table.loc[max(sweep), "without"])
@@ -585,33 +691,38 @@ mmcourse.record("t_squared_gain_at_max_T", no_t2_drop, at_least=0.4)
 # Latency is measured, not estimated: each model classifies the same batch of test
 # captions, under `torch.no_grad()`, with `torch.get_num_threads()` threads on this
 # machine; `mmcourse.bench.time_candidates` times them in turn and reports the median.
-# The teacher runs all six blocks from the token ids (the cache was a training trick).
+# The teacher runs all six blocks from the token ids (the cache was a training trick). The
+# teacher's word-embedding table (one row per token of its 30,522-token vocabulary) holds
+# about half its parameters (section 5 prints both counts) and costs no compute, being a
+# lookup; the column without it is the fairer size comparison.
 
 # %%
 from mmcourse.bench import time_candidates
 
 timing = {}
-best_student = students[(kd_name, seed)].eval()
+kd_student_s0 = students[(kd_name, seed)].eval()  # the KD student of the first seed
 for batch in (1, 32):
     ids_b, mask_b = ids_te[:batch].to(device), mask_te[:batch]
     sids_b = sids_te[:batch]
     with torch.no_grad():
         timing[batch] = time_candidates(
             {"teacher": lambda ids_b=ids_b, mask_b=mask_b: teacher(ids_b, mask_b),
-             "student": lambda sids_b=sids_b, mask_b=mask_b: best_student(sids_b, mask_b)},
+             "student": lambda sids_b=sids_b, mask_b=mask_b: kd_student_s0(sids_b, mask_b)},
             repeats=5, warmup=2)
 latency = pd.DataFrame({
     "parameters": [n_teacher, n_student],
-    "test accuracy": [teacher_acc, table.loc[kd_name, "mean"]],
+    "without word embeddings": [n_teacher_body, n_student_body],
+    "test accuracy": [teacher_acc, results[(kd_name, seed)]],
     "ms, batch 1": [timing[1]["teacher"] * 1e3, timing[1]["student"] * 1e3],
     "ms, batch 32": [timing[32]["teacher"] * 1e3, timing[32]["student"] * 1e3],
-}, index=["teacher (MiniLM)", f"student ({kd_name})"])
+}, index=["teacher (MiniLM)", f"student ({kd_name}, seed {seed})"])
 threads = torch.get_num_threads() if device.type == "cpu" else "n/a"
 print(f"device {device}, {threads} thread(s), {max_length} tokens per caption")
 print(latency.round({"test accuracy": 3, "ms, batch 1": 2, "ms, batch 32": 2}).to_string())
 speedup = timing[32]["teacher"] / timing[32]["student"]
 mmcourse.record("student_speedup_batch32", speedup, at_least=10.0)
 mmcourse.record("parameter_ratio", n_teacher / n_student, at_least=150.0)
+mmcourse.record("parameter_ratio_without_word_embeddings", n_teacher_body / n_student_body, at_least=80.0)
 
 # %%
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -650,17 +761,20 @@ with torch.no_grad():
     for name in (kd_name, "+ attention"):
         maps[f"student: {name}"] = students[(name, seed)](sids_te[i:i + 1], mask_te[i:i + 1],
                                                           output_attentions=True).attentions[-1]
-fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
-for ax, (title, a) in zip(axes, maps.items(), strict=True):
-    ax.imshow(a[0].mean(0)[:n_tok, :n_tok].cpu().numpy(), cmap="viridis", vmin=0)
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), layout="constrained")
+shown_maps = {title: a[0].mean(0)[:n_tok, :n_tok].cpu().numpy() for title, a in maps.items()}
+vmax = max(m.max() for m in shown_maps.values())  # one colour scale for the three panels
+for ax, (title, a) in zip(axes, shown_maps.items(), strict=True):
+    im = ax.imshow(a, cmap="viridis", vmin=0, vmax=vmax)
     ax.set_title(title, fontsize=9)
     ax.set_xticks(range(n_tok), tokens, rotation=90, fontsize=7)
     ax.set_yticks(range(n_tok), tokens, fontsize=7)
     ax.set_xlabel("key")
 axes[0].set_ylabel("query")
+fig.colorbar(im, ax=axes, shrink=0.8, label="attention weight (heads averaged)")
 plt.show()
 with torch.no_grad():
-    t_attn_te = teacher.forward_from(cache_te["h5"], mask_te, start_layer=5, output_attentions=True).attentions[-1]
+    t_attn_te = teacher.forward_from(h5_te, mask_te, start_layer=5, output_attentions=True).attentions[-1]
     gap = {name: distill.attention_map_loss(students[(name, seed)](sids_te, mask_te, output_attentions=True).attentions[-1],
                                             t_attn_te, attention_mask=mask_te).item()
            for name in (kd_name, "+ attention")}
@@ -677,13 +791,15 @@ mmcourse.record("attention_kl_ratio", gap[kd_name] / gap["+ attention"], at_leas
 # * Soft labels carry structure: the mass a teacher does not give the true class goes to
 #   classes that share a colour or a shape, or to another object of the caption.
 # * The largest gain here comes from the transfer set: the teacher labels captions the
-#   student has no label for. Attention and hidden-state distillation make the student's
-#   inner workings look like the teacher's (the attention KL above); whether that buys
-#   accuracy on top of the soft labels is for the table to say.
-# * The student has about two hundred times fewer parameters and answers many times
-#   faster (section 8 gives both accuracies and the latencies measured on this machine).
-#   A student can even match or beat a cheaply fine-tuned teacher on the test set: it
-#   learns from the teacher's outputs *and* the labels, on a task small enough for it.
+#   student has no label for. On this task its hard labels (pseudo-labels) taught the
+#   student at least as well as its soft labels, although the teacher is wrong on some of
+#   the transfer set; the students did not copy most of those mistakes, which is one
+#   measured reason they can match or beat the teacher. Attention and hidden-state
+#   distillation make the student's inner workings look like the teacher's (the attention
+#   KL above); whether that buys accuracy on top of the soft labels is for the table to say.
+# * The student has many times fewer parameters (section 5 prints the ratio, with and
+#   without the teacher's large word-embedding table) and answers many times faster
+#   (section 8 gives the latencies measured on this machine).
 #
 # Next, chapter 10 puts a text decoder on an image encoder: captioning and VQA.
 #

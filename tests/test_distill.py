@@ -214,6 +214,19 @@ def test_attention_distill_loss_averages_the_mapped_layers():
     torch.testing.assert_close(got, expected)
 
 
+def test_uniform_layer_map():
+    assert distill.uniform_layer_map(2, 6) == {1: 3, 2: 6}
+    assert distill.uniform_layer_map(4, 12) == {1: 3, 2: 6, 3: 9, 4: 12}  # TinyBERT's g(m) = 3m
+    assert distill.uniform_layer_map(4, 6) == {1: 2, 2: 3, 3: 5, 4: 6}
+    assert distill.uniform_layer_map(1, 6) == {1: 6}
+    for ls, lt in [(3, 6), (5, 7), (8, 6)]:
+        g = distill.uniform_layer_map(ls, lt)
+        assert list(g) == list(range(1, ls + 1)) and g[ls] == lt
+        assert all(1 <= t <= lt for t in g.values()) and list(g.values()) == sorted(g.values())
+    with pytest.raises(ValueError, match="num_student"):
+        distill.uniform_layer_map(0, 6)
+
+
 def test_attention_bad_inputs():
     a, b = _attention(2, 4, 5), _attention(2, 2, 5)
     with pytest.raises(ValueError, match='heads="match"'):

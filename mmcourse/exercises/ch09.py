@@ -115,7 +115,7 @@ def _check_kd(fn) -> None:
                 * T**2
                 * kl
                 + alpha * ce,
-                "the cross-entropy with the labels is taken at T=1, not on the softened logits": alpha
+                "you took the cross-entropy on z_s / T; take it at T=1, on z_s itself": alpha
                 * T**2
                 * kl
                 + (1 - alpha) * F.cross_entropy(z_s / T, y),
