@@ -575,6 +575,7 @@ def sample_negatives(
     *,
     ids: Tensor | None = None,
     hard: bool = True,
+    temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Draw one negative text per image and one negative image per text (ALBEF, BLIP).
@@ -586,8 +587,10 @@ def sample_negatives(
 
     (ALBEF's ``softmax(sim_i2t)`` with the positive zeroed), so the texts the contrastive
     model finds most similar - the ones hardest to tell apart - are drawn most often;
-    likewise each text gets an image from column j. With ``hard=False`` the draw is uniform
-    over the same candidates (random negatives).
+    likewise each text gets an image from column j. ``temperature`` T > 1 tempers the draw,
+    ``softmax(s_ij / T)``: with a sharp, converged ITC the same near-duplicate would otherwise
+    be drawn every epoch. With ``hard=False`` the draw is uniform over the same candidates
+    (random negatives; T is then ignored).
 
     *False negatives*: a candidate that is as true as the positive (an identical caption, a
     second caption of the same image) must not be drawn, or the model is taught that a
@@ -598,7 +601,8 @@ def sample_negatives(
     Args:
         similarity: (B, B) scores, image rows, text columns.
         ids: (B,) group ids; None: only the diagonal is positive.
-        hard: sample in proportion to softmax(similarity) (True) or uniformly (False).
+        hard: sample in proportion to softmax(similarity / temperature) (True) or uniformly.
+        temperature: T > 0 divides the similarity before the softmax (1: ALBEF's draw).
         generator: for reproducible draws.
 
     Returns:
@@ -618,6 +622,7 @@ def sample_negatives(
     B = similarity.shape[0]
     if B < 2:
         raise ValueError(f"need a batch of at least 2 pairs to find negatives, got B={B}")
+    positive_float(temperature=temperature)
     positive = torch.eye(B, dtype=torch.bool, device=similarity.device)  # (B, B)
     if ids is not None:
         if ids.shape != (B,):
@@ -630,7 +635,7 @@ def sample_negatives(
             f"pair {i} has no negative candidate: every text in the batch is a positive for it "
             "(identical captions?); use a larger or more varied batch"
         )
-    s = similarity.detach().float()
+    s = similarity.detach().float() / temperature
     if hard:
         weights_i2t = s.masked_fill(positive, -math.inf).softmax(dim=1)  # (B, B), rows sum to 1
         weights_t2i = s.T.masked_fill(positive.T, -math.inf).softmax(dim=1)  # text rows
@@ -642,18 +647,77 @@ def sample_negatives(
     return text_for_image.to(similarity.device), image_for_text.to(similarity.device)
 
 
+def sample_bank_negatives(
+    similarity: Tensor,
+    own: Tensor,
+    *,
+    hard: bool = True,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one negative text per image from a caption *bank* instead of the batch.
+
+    When the world has few distinct captions (here 200), each image can be scored against
+    all of them: image i gets bank caption j != ``own[i]`` with probability
+    ``softmax(similarity[i] / T)`` over the other captions (or uniformly if ``hard=False``).
+    The training negatives then come from the same pool as the test-time shortlist (ITC's
+    top-k over every caption), not from whichever 31 captions share the batch. A bank of
+    distinct captions has no false negatives besides the image's own caption.
+
+    Args:
+        similarity: (B, C) ITC logits of B images against the C bank captions.
+        own: (B,) the bank index of each image's true caption (never drawn).
+        hard: sample from the tempered softmax (True) or uniformly (False).
+        temperature: T > 0 divides the similarity before the softmax.
+        generator: for reproducible draws.
+
+    Returns:
+        (B,) long bank indices, on the similarity's device.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+    if similarity.dim() != 2 or similarity.shape[1] < 2:
+        raise ValueError(
+            f"expected a (B, C) similarity with C >= 2 bank captions, got {tuple(similarity.shape)}"
+        )
+    B, C = similarity.shape
+    if own.shape != (B,):
+        raise ValueError(
+            f"expected own of shape ({B},), one bank index per image, got {tuple(own.shape)}"
+        )
+    own = own.long().to(similarity.device)
+    if own.min() < 0 or own.max() >= C:
+        raise ValueError(f"own must index the bank: values in [0, C={C})")
+    positive_float(temperature=temperature)
+    positive = F.one_hot(own, C).bool()  # (B, C)
+    if hard:
+        weights = (similarity.detach().float() / temperature).masked_fill(positive, -math.inf)
+        weights = weights.softmax(dim=1)  # (B, C)
+    else:
+        weights = (~positive).float()
+    drawn = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1)
+    return drawn.to(similarity.device)
+
+
 # --- 5. the ITM loss ---------------------------------------------------------------------------
 
 
-def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def itm_loss(logits: Tensor, labels: Tensor, *, positive_weight: float = 1.0) -> Tensor:
     """Binary matching as 2-way cross-entropy: ``L_ITM = -E log p(y | image, text)``.
+
+    ALBEF's batches hold one positive for two negatives, so an unweighted loss teaches a
+    1:2 prior (a model that ignores the pair predicts p(match) = 1/3). ``positive_weight=2``
+    balances the classes: the weighted mean is ``sum_m w_m l_m / sum_m w_m`` with w = 2 on
+    positives (``F.cross_entropy(weight=[1, 2])``), and a pair-blind model then sits at
+    ln 2 with p = 1/2.
 
     Args:
         logits: (M, 2) ITM logits (column 1 = match).
         labels: (M,) 1 for matching pairs, 0 for negatives.
+        positive_weight: the weight of the positive class (1: plain mean).
 
     Returns:
-        The scalar loss (mean over the M pairs).
+        The scalar loss (the weighted mean over the M pairs).
 
     Taught in notebooks/07_pretraining_objectives.
     """
@@ -665,7 +729,11 @@ def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
         )
     if labels.numel() and not ((labels == 0) | (labels == 1)).all():
         raise ValueError("ITM labels must be 0 (no match) or 1 (match)")
-    return F.cross_entropy(logits.float(), labels.long())
+    positive_float(positive_weight=positive_weight)
+    if positive_weight == 1.0:
+        return F.cross_entropy(logits.float(), labels.long())
+    weight = torch.tensor([1.0, float(positive_weight)], device=logits.device)
+    return F.cross_entropy(logits.float(), labels.long(), weight=weight)
 
 
 def itm_triplets(text_for_image: Tensor, image_for_text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -711,6 +779,8 @@ class PretrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     mask_probability: float = 0.15  # MLM: chance that a token is chosen (BERT: 0.15)
     negatives: str = "hard"  # ITM: "hard" (softmax of the ITC similarity) or "random"
+    temperature: float = 1.0  # ITM: hard negatives ~ softmax(ITC logits / T) (ALBEF: 1)
+    positive_weight: float = 1.0  # ITM: loss weight of the positives (2 balances 1:2)
     seed: int = 0  # batch order, masks and negative draws
     progress: bool = True  # show a tqdm progress bar
 
@@ -724,6 +794,7 @@ class PretrainConfig:
         positive_int(steps=self.steps, batch_size=self.batch_size)
         non_negative_int(warmup_steps=self.warmup_steps, seed=self.seed)
         positive_float(lr=self.lr, grad_clip=self.grad_clip)
+        positive_float(temperature=self.temperature, positive_weight=self.positive_weight)
         fraction(mask_probability=self.mask_probability)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -754,6 +825,7 @@ def pretrain(
     mask_token_id: int = 4,
     similarity_embeds: tuple[Tensor, Tensor, float] | None = None,
     caption_ids: Tensor | None = None,
+    caption_bank: tuple[Tensor, Tensor, Tensor] | None = None,
     device: torch.device | str | None = None,
 ) -> PretrainHistory:
     """Train ``model`` with MLM and/or ITM on precomputed (frozen) image tokens.
@@ -761,7 +833,11 @@ def pretrain(
     Each step draws B pairs (a fresh permutation per epoch). MLM: :func:`mask_tokens` then
     :func:`mlm_loss`. ITM: the (B, B) ITC similarity of the batch from ``similarity_embeds``,
     one negative text per image and one negative image per text (:func:`sample_negatives`,
-    hard or random), the 3B pairs of :func:`itm_triplets` and :func:`itm_loss`.
+    hard or random, tempered by ``config.temperature``), the 3B pairs of
+    :func:`itm_triplets` and :func:`itm_loss` (positives weighted by
+    ``config.positive_weight``). With ``caption_bank`` the negative *text* of each image is
+    drawn from the whole bank of distinct captions (:func:`sample_bank_negatives`), not
+    from the batch; the negative image of each text still comes from the batch.
 
     Args:
         model: the :class:`ImageTextEncoder`.
@@ -773,7 +849,10 @@ def pretrain(
             defaults: [PAD] [UNK] [CLS] [SEP] [MASK] = 0..4).
         similarity_embeds: ITM only: ``(image_embeds (P, E), text_embeds (P, E), scale)``,
             unit-norm ITC embeddings and the logit scale 1 / tau.
-        caption_ids: ITM only: (P,) ids, equal for identical captions (false negatives).
+        caption_ids: ITM only: (P,) ids, equal for identical captions (false negatives);
+            with ``caption_bank`` they must be each caption's row in the bank.
+        caption_bank: ITM only: ``(bank_input_ids (C, N), bank_attention_mask (C, N),
+            bank_text_embeds (C, E))``: every distinct caption, tokenized and embedded by ITC.
         device: where to train; the model's device if None.
 
     Returns:
@@ -795,6 +874,17 @@ def pretrain(
             raise ValueError("ITM needs similarity_embeds=(image_embeds, text_embeds, scale)")
         if similarity_embeds[0].shape[0] != P or similarity_embeds[1].shape[0] != P:
             raise ValueError(f"similarity_embeds must have one row per pair ({P})")
+        if caption_bank is not None:
+            bank_ids, bank_mask, bank_embeds = caption_bank
+            C = bank_ids.shape[0]
+            if bank_mask.shape != bank_ids.shape or bank_embeds.shape[0] != C:
+                raise ValueError(
+                    "caption_bank must be (input_ids (C, N), attention_mask (C, N), embeds (C, E))"
+                )
+            if caption_ids is None or caption_ids.shape != (P,):
+                raise ValueError("caption_bank needs caption_ids (P,): each caption's bank row")
+            if caption_ids.min() < 0 or caption_ids.max() >= C:
+                raise ValueError(f"caption_ids must index the bank of C={C} captions")
     if config.batch_size > P:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {P} training pairs")
     device = next(model.parameters()).device if device is None else torch.device(device)
@@ -845,16 +935,34 @@ def pretrain(
             u, v, scale = similarity_embeds
             sim = scale * u[index] @ v[index].T  # (B, B) ITC logits
             group = None if caption_ids is None else caption_ids[index]
+            hard = config.negatives == "hard"
             t4i, i4t = sample_negatives(
-                sim, ids=group, hard=config.negatives == "hard", generator=generator
+                sim, ids=group, hard=hard, temperature=config.temperature, generator=generator
             )
             image_index, text_index, labels = itm_triplets(t4i, i4t)
-            logits = model.itm_logits(
-                images[image_index.to(device)],
-                ids[text_index.to(device)],
-                mask[text_index.to(device)],
+            texts, text_masks = ids[text_index.to(device)], mask[text_index.to(device)]
+            if caption_bank is not None:  # the B (image, negative text) pairs: from the bank
+                bank_ids, bank_mask, bank_embeds = caption_bank
+                drawn = sample_bank_negatives(
+                    scale * u[index] @ bank_embeds.T,  # (B, C)
+                    caption_ids[index],
+                    hard=hard,
+                    temperature=config.temperature,
+                    generator=generator,
+                )
+                neg_ids, neg_mask = _trim(bank_ids[drawn], bank_mask[drawn])
+                width = max(texts.shape[1], neg_ids.shape[1])
+                texts, text_masks = (
+                    F.pad(texts, (0, width - texts.shape[1])),
+                    F.pad(text_masks, (0, width - text_masks.shape[1])),
+                )  # (3B, width), padded with [PAD] = 0 and mask 0
+                B = len(index)
+                texts[B : 2 * B] = F.pad(neg_ids, (0, width - neg_ids.shape[1])).to(device)
+                text_masks[B : 2 * B] = F.pad(neg_mask, (0, width - neg_mask.shape[1])).to(device)
+            logits = model.itm_logits(images[image_index.to(device)], texts, text_masks)
+            losses["itm"] = itm_loss(
+                logits, labels.to(device), positive_weight=config.positive_weight
             )
-            losses["itm"] = itm_loss(logits, labels.to(device))
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -897,6 +1005,69 @@ def match_probability(
         )
         out.append(logits.float().softmax(-1)[:, 1].cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def match_log_odds(
+    model: ImageTextEncoder,
+    image_tokens: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    batch_size: int = 512,
+) -> Tensor:
+    """The ITM log-odds ``logit_match - logit_no_match`` for N pairs: (N,) on the CPU.
+
+    The ranking score for re-ranking: unlike the probability, it does not saturate at 1
+    when several candidates all look like matches.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, input_ids.shape[0], batch_size):
+        ids, mask = _trim(input_ids[i : i + batch_size], attention_mask[i : i + batch_size])
+        logits = model.itm_logits(
+            image_tokens[i : i + batch_size].to(device), ids.to(device), mask.to(device)
+        ).float()
+        out.append((logits[:, 1] - logits[:, 0]).cpu())
+    return torch.cat(out)
+
+
+def rerank(itc_scores: Tensor, itm_scores: Tensor, *, k: int, itc_weight: float = 0.0) -> Tensor:
+    """Pick, for each query, the best of ITC's top-k by ``itm + itc_weight * itc``.
+
+    ``itc_weight=0`` is ALBEF's re-ranking (the ITM score alone); BLIP adds the ITC
+    similarity, so that ITM only overrides ITC where it is confident.
+
+    Args:
+        itc_scores: (Q, C) ITC scores of every candidate (they choose the shortlist).
+        itm_scores: (Q, C) or (Q, k) ITM scores: of every candidate, or of the shortlist
+            in ITC's order.
+        k: the shortlist length.
+        itc_weight: the weight of the ITC score in the fused score.
+
+    Returns:
+        (Q,) the chosen candidate indices.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+    positive_int(k=k)
+    Q, C = itc_scores.shape
+    if k > C:
+        raise ValueError(f"k={k} is larger than the {C} candidates")
+    top = itc_scores.topk(k, dim=1).indices  # (Q, k)
+    if itm_scores.shape == (Q, C):
+        itm_top = itm_scores.gather(1, top)
+    elif itm_scores.shape == (Q, k):
+        itm_top = itm_scores
+    else:
+        raise ValueError(
+            f"itm_scores must be (Q, C)={(Q, C)} or (Q, k)={(Q, k)}, got {tuple(itm_scores.shape)}"
+        )
+    fused = itm_top + itc_weight * itc_scores.gather(1, top)  # (Q, k)
+    return top.gather(1, fused.argmax(1, keepdim=True)).squeeze(1)
 
 
 @torch.no_grad()

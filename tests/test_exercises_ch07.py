@@ -47,10 +47,10 @@ def test_solutions_pass(capsys):
         (ch07.q3, ch07._rerank_solution),
         (
             ch07.q3,
-            lambda itc, itm, k: torch.stack(
+            lambda itc, itm, k, w: torch.stack(
                 [
-                    row[torch.argmax(s[row])]
-                    for row, s in zip(itc.topk(k, 1).indices, itm, strict=True)
+                    row[torch.argmax(s[row] + w * c[row])]
+                    for row, s, c in zip(itc.topk(k, 1).indices, itm, itc, strict=True)
                 ]
             ),
         ),
@@ -95,14 +95,21 @@ def test_mistakes_get_specific_feedback(capsys):
         (ch07.q2, lambda s, ids: _weights(s, ids, softmax_first=True), "sum to 1"),
         (ch07.q2, lambda s, ids: _weights(s, ids, uniform=True), "random negatives"),
         (ch07.q2, lambda s, ids: s, "diagonal"),
-        (ch07.q3, lambda itc, itm, k: itm.argmax(1), "over all candidates"),
-        (ch07.q3, lambda itc, itm, k: itc.argmax(1), "ITC ranking unchanged"),
+        (ch07.q3, lambda itc, itm, k, w: itm.argmax(1), "over all candidates"),
+        (ch07.q3, lambda itc, itm, k, w: (itm + w * itc).argmax(1), "over all candidates"),
         (
             ch07.q3,
-            lambda itc, itm, k: itm.gather(1, itc.topk(k, 1).indices).argmax(1),
+            lambda itc, itm, k, w: ch07._rerank_solution(itc, itm, k, 0.0),
+            "ITM-only re-ranking",
+        ),
+        (
+            ch07.q3,
+            lambda itc, itm, k, w: (
+                itm.gather(1, top := itc.topk(k, 1).indices) + w * itc.gather(1, top)
+            ).argmax(1),
             "position inside the top-k",
         ),
-        (ch07.q3, lambda itc, itm, k: itc.topk(k, 1).indices, "expected shape"),
+        (ch07.q3, lambda itc, itm, k, w: itc.topk(k, 1).indices, "expected shape"),
     ]
     for exercise, answer, phrase in checks:
         assert_feedback(exercise, answer, phrase, capsys)

@@ -19,10 +19,13 @@ from mmcourse.pretraining import (
     load_from_torch_decoder_layer,
     mask_positions,
     mask_tokens,
+    match_log_odds,
     match_probability,
     mlm_loss,
     predict_masked,
     pretrain,
+    rerank,
+    sample_bank_negatives,
     sample_negatives,
 )
 
@@ -367,6 +370,48 @@ def test_hard_negatives_follow_the_softmax_of_the_similarity():
     assert torch.allclose(freq, torch.tensor([0, 1 / 3, 1 / 3, 1 / 3]), atol=0.03)
 
 
+def test_temperature_tempers_the_hard_negative_draw():
+    sim = torch.tensor([[9.0, 6.0, 1.0, 0.0], [0.0, 9.0, 0.0, 3.0], [1.0, 1.0, 9.0, 1.0]])
+    sim = torch.cat([sim, torch.tensor([[0.0, 2.0, 4.0, 9.0]])])
+    gen = torch.Generator().manual_seed(3)
+    draws = torch.stack(
+        [sample_negatives(sim, temperature=3.0, generator=gen)[0] for _ in range(4000)]
+    )
+    expected = (sim[0] / 3).masked_fill(torch.arange(4) == 0, float("-inf")).softmax(0)
+    freq = torch.bincount(draws[:, 0], minlength=4).float() / len(draws)
+    assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
+    sharp = (sim[0]).masked_fill(torch.arange(4) == 0, float("-inf")).softmax(0)
+    assert expected.max() < sharp.max()  # T > 1 flattens the draw
+    with pytest.raises(ValueError, match="temperature"):
+        sample_negatives(sim, temperature=0.0)
+
+
+def test_bank_negatives_exclude_the_own_caption_and_follow_the_tempered_softmax():
+    gen = torch.Generator().manual_seed(4)
+    sim = torch.randn(3, 6, generator=gen) * 3
+    own = torch.tensor([0, 4, 4])
+    sim[torch.arange(3), own] = 20.0  # the own caption is the most similar: still never drawn
+    draws = torch.stack(
+        [sample_bank_negatives(sim, own, temperature=2.0, generator=gen) for _ in range(4000)]
+    )  # (T, B)
+    assert (draws != own).all()
+    for i in range(3):
+        expected = (sim[i] / 2).masked_fill(torch.arange(6) == own[i], float("-inf")).softmax(0)
+        freq = torch.bincount(draws[:, i], minlength=6).float() / len(draws)
+        assert torch.allclose(freq, expected, atol=0.03), (i, freq, expected)
+    uniform = torch.stack(
+        [sample_bank_negatives(sim, own, hard=False, generator=gen) for _ in range(3000)]
+    )
+    freq = torch.bincount(uniform[:, 0], minlength=6).float() / len(uniform)
+    assert torch.allclose(freq, torch.tensor([0.0] + [0.2] * 5), atol=0.03)
+    with pytest.raises(ValueError, match="own of shape"):
+        sample_bank_negatives(sim, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="index the bank"):
+        sample_bank_negatives(sim, torch.tensor([0, 1, 6]))
+    with pytest.raises(ValueError, match="C >= 2"):
+        sample_bank_negatives(torch.randn(3, 1), torch.zeros(3, dtype=torch.long))
+
+
 def test_sample_negatives_rejects_bad_inputs():
     with pytest.raises(ValueError, match="square"):
         sample_negatives(torch.randn(3, 4))
@@ -391,6 +436,57 @@ def test_itm_triplets_and_loss():
         itm_loss(logits, labels + 1)
     with pytest.raises(ValueError, match="labels of shape"):
         itm_loss(logits, labels[:4])
+
+
+def test_itm_loss_weights_the_positives():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(9, 2, generator=gen, requires_grad=True)
+    labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
+    per_pair = F.cross_entropy(logits, labels, reduction="none")
+    w = torch.where(labels == 1, 2.0, 1.0)
+    by_hand = (w * per_pair).sum() / w.sum()
+    ours = itm_loss(logits, labels, positive_weight=2.0)
+    torch.testing.assert_close(ours, by_hand)
+    g_ours = torch.autograd.grad(ours, logits)[0]
+    g_hand = torch.autograd.grad(by_hand, logits)[0]
+    torch.testing.assert_close(g_ours, g_hand)
+    # a pair-blind model: unweighted, the best constant is p = 1/3 (loss H(1/3));
+    # with positives weighted 2, it is p = 1/2 (loss ln 2)
+    blind = torch.zeros(9, 2)
+    torch.testing.assert_close(
+        itm_loss(blind, labels, positive_weight=2.0), torch.tensor(0.6931), atol=1e-4, rtol=0
+    )
+    third = torch.tensor([[0.0, -0.6931]]).expand(9, 2)  # p(match) = 1/3
+    torch.testing.assert_close(itm_loss(third, labels), torch.tensor(0.6365), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="positive_weight"):
+        itm_loss(blind, labels, positive_weight=0.0)
+
+
+def test_match_log_odds_and_rerank():
+    model = _model()
+    gen = torch.Generator().manual_seed(6)
+    ids = _batch(gen, B=5, N=9)
+    attention = (ids != 0).long()
+    image = torch.randn(5, 5, 8, generator=gen)
+    logits = model.itm_logits(image, ids, attention).detach()
+    torch.testing.assert_close(
+        match_log_odds(model, image, ids, attention), logits[:, 1] - logits[:, 0]
+    )
+    p = match_probability(model, image, ids, attention)
+    torch.testing.assert_close(
+        match_log_odds(model, image, ids, attention), torch.log(p / (1 - p)), atol=1e-4, rtol=0
+    )
+    itc = torch.tensor([[0.9, 0.5, 0.4, 0.1], [0.2, 0.3, 0.8, 0.7]])
+    itm = torch.tensor([[0.0, 1.0, 5.0, 9.0], [3.0, 0.0, 0.0, 0.5]])
+    assert rerank(itc, itm, k=2).tolist() == [1, 3]  # ITM alone, within ITC's top-2
+    assert rerank(itc, itm, k=1).tolist() == [0, 2]  # k = 1 is ITC's own choice
+    assert rerank(itc, itm, k=2, itc_weight=10.0).tolist() == [0, 2]  # fused: 9 > 6, 8 > 7.5
+    top = itc.topk(3, dim=1).indices
+    assert torch.equal(rerank(itc, itm.gather(1, top), k=3), rerank(itc, itm, k=3))
+    with pytest.raises(ValueError, match="itm_scores must be"):
+        rerank(itc, itm[:, :3], k=2)
+    with pytest.raises(ValueError, match="larger than"):
+        rerank(itc, itm, k=5)
 
 
 # --- one-batch overfits and the training loop --------------------------------------------------
@@ -461,6 +557,40 @@ def test_pretrain_runs_both_objectives_and_checks_its_inputs():
         caption_ids=torch.arange(16),
     )
     assert len(history.loss["itm"]) == 3 and not model.training
+    bank_ids = _batch(gen, B=5, N=11)  # a bank with longer captions than the batch
+    bank = (bank_ids, (bank_ids != 0).long(), F.normalize(torch.randn(5, 4, generator=gen), dim=-1))
+    banked = PretrainConfig(
+        objectives=("itm",),
+        steps=2,
+        batch_size=8,
+        temperature=3.0,
+        positive_weight=2.0,
+        progress=False,
+    )
+    history = pretrain(
+        model,
+        image_tokens=image,
+        input_ids=ids,
+        attention_mask=attention,
+        config=banked,
+        similarity_embeds=(embeds, embeds, 10.0),
+        caption_ids=torch.arange(16) % 5,
+        caption_bank=bank,
+    )
+    assert len(history.loss["itm"]) == 2
+    with pytest.raises(ValueError, match="index the bank"):
+        pretrain(
+            model,
+            image_tokens=image,
+            input_ids=ids,
+            attention_mask=attention,
+            config=banked,
+            similarity_embeds=(embeds, embeds, 10.0),
+            caption_ids=torch.arange(16),
+            caption_bank=bank,
+        )
+    with pytest.raises(ValueError, match="temperature"):
+        PretrainConfig(temperature=0.0)
     with pytest.raises(ValueError, match="similarity_embeds"):
         pretrain(model, image_tokens=image, input_ids=ids, attention_mask=attention, config=config)
     with pytest.raises(ValueError, match="larger than"):

@@ -133,49 +133,66 @@ q2 = Exercise(
     solution_fn=_negative_weights_solution,
 )
 
-# --- 3. re-ranking the top-k with ITM ---------------------------------------------------------------
+# --- 3. re-ranking the top-k with the fused (BLIP) score ------------------------------------------
 
 
-def _rerank_solution(itc_scores: torch.Tensor, itm_scores: torch.Tensor, k: int) -> torch.Tensor:
+def _rerank_solution(
+    itc_scores: torch.Tensor, itm_scores: torch.Tensor, k: int, weight: float
+) -> torch.Tensor:
     top = itc_scores.topk(k, dim=1).indices  # (Q, k): the ITC shortlist
-    best = itm_scores.gather(1, top).argmax(dim=1, keepdim=True)  # (Q, 1): position in the list
+    fused = itm_scores.gather(1, top) + weight * itc_scores.gather(1, top)  # (Q, k)
+    best = fused.argmax(dim=1, keepdim=True)  # (Q, 1): position in the list
     return top.gather(1, best).squeeze(1)  # (Q,): candidate index
 
 
 def _check_rerank(fn) -> None:
     gen = torch.Generator().manual_seed(11)
-    for Q, C, k in [(4, 10, 3), (6, 8, 5), (3, 5, 1)]:
+    for Q, C, k, weight in [(4, 10, 3, 2.0), (6, 8, 5, 0.5), (3, 5, 1, 1.0), (8, 12, 4, 3.0)]:
         itc = torch.randn(Q, C, generator=gen)
-        itm = torch.randn(Q, C, generator=gen)
-        what = f"{Q} queries, {C} candidates, k={k}"
-        got = call(fn, itc.clone(), itm.clone(), k, what=what)
-        expected = _rerank_solution(itc, itm, k)
+        itm = torch.randn(Q, C, generator=gen) * 2
+        what = f"{Q} queries, {C} candidates, k={k}, weight={weight}"
+        got = call(fn, itc.clone(), itm.clone(), k, weight, what=what)
+        expected = _rerank_solution(itc, itm, k, weight)
         expect_shape(got, (Q,), f"re-ranked choice for {what}")
         got = torch.as_tensor(got).long()
-        if torch.equal(got, itm.argmax(1)) and not torch.equal(expected, itm.argmax(1)):
+        if torch.equal(got, expected):
+            continue
+        fused_all = (itm + weight * itc).argmax(1)
+        if torch.equal(got, fused_all):
+            raise Mismatch(
+                f"{what}: you took the arg-max over all candidates; the fused score is only "
+                "computed on ITC's top-k (running ITM on every candidate is what re-ranking avoids)"
+            )
+        if torch.equal(got, itm.argmax(1)):
             raise Mismatch(
                 f"{what}: you took the ITM argmax over all candidates; ITM only re-scores the "
-                "ITC top-k (running it on every candidate is what re-ranking avoids)"
+                "ITC top-k, and the score is ITM + weight * ITC"
             )
-        if k > 1 and torch.equal(got, itc.argmax(1)) and not torch.equal(expected, itc.argmax(1)):
-            raise Mismatch(f"{what}: that is the ITC ranking unchanged; re-rank by the ITM score")
-        local = itm.gather(1, itc.topk(k, dim=1).indices).argmax(1)
-        if torch.equal(got, local) and not torch.equal(expected, local):
+        if torch.equal(got, _rerank_solution(itc, itm, k, 0.0)):
+            raise Mismatch(
+                f"{what}: that is ALBEF's ITM-only re-ranking; add weight * the ITC score "
+                "(BLIP's fused score)"
+            )
+        if torch.equal(got, itc.argmax(1)):
+            raise Mismatch(f"{what}: that is the ITC ranking unchanged; add the ITM score")
+        top = itc.topk(k, dim=1).indices
+        local = (itm.gather(1, top) + weight * itc.gather(1, top)).argmax(1)
+        if torch.equal(got, local):
             raise Mismatch(
                 f"{what}: you returned the position inside the top-k list; map it back to the "
                 "candidate index"
             )
-        if not torch.equal(got, expected):
-            raise Mismatch(f"{what}: expected {expected.tolist()}, got {got.tolist()}")
+        raise Mismatch(f"{what}: expected {expected.tolist()}, got {got.tolist()}")
 
 
 q3 = Exercise(
-    "Exercise 3: re-rank the ITC top-k with ITM scores",
+    "Exercise 3: re-rank the ITC top-k with the fused score ITM + weight * ITC",
     checker=_check_rerank,
     hints=[
         "top = itc_scores.topk(k, dim=1).indices is the (Q, k) shortlist of candidate indices.",
-        "itm_scores.gather(1, top) gives their ITM scores; argmax picks a position in the list, "
-        "top.gather(1, position) turns it back into a candidate index.",
+        "fused = itm_scores.gather(1, top) + weight * itc_scores.gather(1, top) is (Q, k); "
+        "argmax picks a position in the list, top.gather(1, position) turns it back into a "
+        "candidate index.",
     ],
     solution_fn=_rerank_solution,
 )
