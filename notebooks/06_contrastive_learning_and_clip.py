@@ -39,12 +39,12 @@ device = "auto"  # "auto" picks cuda, then mps, then cpu
 num_train = 4000  # training scenes, one object each (full: 20000)
 num_test = 500  # test scenes of the 20 training compositions (full: 2000)
 num_heldout = 300  # scenes of the 4 held-out shape-colour compositions (full: 1000)
-clip_steps = 500  # training steps of the from-scratch tiny CLIP (full: 3000 on a GPU)
-lit_steps = 300  # training steps of the LiT image tower (full: 3000 on a GPU)
+clip_steps = 450  # training steps of the from-scratch tiny CLIP (full: 3000 on a GPU)
+lit_steps = 150  # training steps of the LiT image tower (full: 3000 on a GPU)
 batch_size = 128  # B: pairs per step of both tiny CLIPs (full: 512)
 lr = 3e-3  # AdamW peak learning rate of both tiny CLIPs
-sweep_steps = 200  # steps of each cheap FeatureClip run in the sweeps (full: 1000)
-fn_batch_size = 512  # B of the false-negative experiment (more pairs, more paraphrases per batch)
+sweep_steps = 100  # steps of each cheap FeatureClip run in the sweeps (full: 1000)
+fn_batch_size = 256  # B of the false-negative experiment (more pairs, more paraphrases per batch; full: 1024)
 pca_dim = 256  # width of the cached image features of the sweeps (pixel principal components)
 cpu_threads = 1  # torch threads on a CPU: 1 keeps these tiny models steady on a shared machine (0: torch's default)
 
@@ -83,7 +83,7 @@ print("computing on", device, f"({torch.get_num_threads()} thread(s))" if device
 # Each scene is a 32 × 32 rendering of one object with a shape (4), a colour (6), a size
 # (2) and a position (5), and a caption. We train on the *canonical* caption, one fixed
 # template ("a large red circle on the left"), and keep the captions with synonyms and
-# other templates ("there is a big crimson disk to the left") for section 9. Four of the
+# other templates ("there is a big crimson disk to the left") for sections 8.3 and 9. Four of the
 # 24 shape–colour compositions never occur in training (`HELD_OUT_PAIRS`); the `heldout`
 # split is made of them. Everything is generated from a seed.
 
@@ -125,9 +125,11 @@ plt.show()
 # ## 2. The idea in a figure: a B × B matrix whose diagonal must win
 #
 # Take a batch of B pairs. Encode the B images into vectors $u_i$ and the B captions into
-# $v_j$, make them unit length, and compare *every* image with *every* caption: a B × B
-# matrix of cosine similarities. The B correct pairs sit on the diagonal, the B² − B
-# wrong ones off it. Training makes each row (an image choosing its caption) and each
+# $v_j$, make them unit length (**L2 normalisation** (L2 归一化)), and compare *every* image
+# with *every* caption: a B × B matrix of **cosine similarities** (余弦相似度), row $i$ for
+# image $i$, column $j$ for caption $j$ (this chapter keeps CLIP's convention: rows are
+# images). The B correct pairs sit on the diagonal, the B² − B
+# wrong ones off it: each pair's own caption is its **positive** (正样本). Training makes each row (an image choosing its caption) and each
 # column (a caption choosing its image) a B-way classification whose correct answer is the
 # diagonal. Below, six made-up pairs whose vectors roughly agree.
 
@@ -170,17 +172,20 @@ plt.show()
 # * the cosine is divided by a **temperature** (温度) $\tau$, which sets how peaked the
 #   softmax can get (section 4).
 #
-# In a batch, $\mathcal{Y}$ is the batch's B images, so with $\hat f_i = f(x_i)/\lVert f(x_i)\rVert$,
-# $\hat g_j = g(y_j) / \lVert g(y_j) \rVert$ and $S_{ij} = \hat f_i^\top \hat g_j / \tau$:
+# In a batch, $\mathcal{Y}$ is the batch's B images. Write $\hat g_i = g(y_i) / \lVert g(y_i) \rVert$
+# for image $i$, $\hat f_j = f(x_j)/\lVert f(x_j)\rVert$ for caption $j$ (the $u_i$ and $v_j$
+# of section 2) and, rows for images as in section 2, $S_{ij} = \hat g_i^\top \hat f_j / \tau$:
 #
-# $$\mathcal{L}_{t \to i} = -\frac{1}{B} \sum_{i=1}^{B} \log \frac{e^{S_{ii}}}{\sum_{j=1}^{B} e^{S_{ij}}},
-# \qquad \mathcal{L}_{i \to t} = -\frac{1}{B} \sum_{j=1}^{B} \log \frac{e^{S_{jj}}}{\sum_{i=1}^{B} e^{S_{ij}}},
-# \qquad \mathcal{L}_{\text{CLIP}} = \tfrac{1}{2}\left(\mathcal{L}_{t \to i} + \mathcal{L}_{i \to t}\right).$$
+# $$\mathcal{L}_{i \to t} = -\frac{1}{B} \sum_{i=1}^{B} \log \frac{e^{S_{ii}}}{\sum_{j=1}^{B} e^{S_{ij}}},
+# \qquad \mathcal{L}_{t \to i} = -\frac{1}{B} \sum_{j=1}^{B} \log \frac{e^{S_{jj}}}{\sum_{i=1}^{B} e^{S_{ij}}},
+# \qquad \mathcal{L}_{\text{CLIP}} = \tfrac{1}{2}\left(\mathcal{L}_{i \to t} + \mathcal{L}_{t \to i}\right).$$
 #
-# The CLIP loss is InfoNCE in both directions: rows (each text picks an image) and columns
-# (each image picks a text). Each of the B rows has B − 1 **negatives** (负样本): the
-# batch is its own supply of wrong answers. Here it is in code, one line per step, with
-# `f_x` holding $f(x_j)$, `g_y` holding $g(y_i)$ and `tau` holding $\tau$:
+# The CLIP loss is InfoNCE in both directions, a **symmetric cross-entropy** (对称交叉熵):
+# over the rows (each image picks a caption) and over the columns (each caption picks an
+# image; this direction is the formula above). Each row and each column has B − 1
+# **negatives** (负样本): the batch is its own supply of wrong answers. Here it is in code,
+# one line per step, with `g_y` holding the image embeddings $g(y_i)$ (row $i$), `f_x` the
+# caption embeddings $f(x_j)$ (row $j$) and `tau` holding $\tau$:
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -189,18 +194,23 @@ gen = torch.Generator().manual_seed(seed)
 f_x = torch.randn(B, D, generator=gen, requires_grad=True)  # text embeddings f(x), unnormalised
 g_y = torch.randn(B, D, generator=gen, requires_grad=True)  # image embeddings g(y), unnormalised
 
-f_hat = f_x / f_x.norm(dim=-1, keepdim=True)  # 1) L2-normalise: (B, D)
-g_hat = g_y / g_y.norm(dim=-1, keepdim=True)
-S = f_hat @ g_hat.T / tau  # 2) every text against every image: S_ij = f_i . g_j / tau, (B, B)
-log_p_rows = S - S.logsumexp(dim=1, keepdim=True)  # 3) log softmax over the images of each text
-loss_t2i = -log_p_rows.diagonal().mean()  # 4) the positive of text i is image i
-log_p_cols = S - S.logsumexp(dim=0, keepdim=True)  # 5) log softmax over the texts of each image
-loss_i2t = -log_p_cols.diagonal().mean()
-loss_clip = (loss_t2i + loss_i2t) / 2  # 6) symmetric
+g_hat = g_y / g_y.norm(dim=-1, keepdim=True)  # 1) L2-normalise: (B, D)
+f_hat = f_x / f_x.norm(dim=-1, keepdim=True)
+S = g_hat @ f_hat.T / tau  # 2) every image against every text: S_ij = g_i . f_j / tau, (B, B)
+log_p_rows = S - S.logsumexp(dim=1, keepdim=True)  # 3) log softmax over the texts of each image (row)
+loss_i2t = -log_p_rows.diagonal().mean()  # 4) the positive of image i is text i
+log_p_cols = S - S.logsumexp(dim=0, keepdim=True)  # 5) log softmax over the images of each text (column)
+loss_t2i = -log_p_cols.diagonal().mean()
+loss_clip = (loss_i2t + loss_t2i) / 2  # 6) symmetric
 print(f"S: {tuple(S.shape)}   L_t->i = {loss_t2i.item():.4f}   L_i->t = {loss_i2t.item():.4f}   "
       f"L_CLIP = {loss_clip.item():.4f}   (chance level log B = {math.log(B):.4f})")
 
 # %% [markdown]
+# A model that knew nothing and said so, uniform probabilities, would score log B. These
+# random embeddings score far above it: at $\tau = 0.07$ their random cosines become logits
+# of several units, so every row makes a *confident* guess, mostly wrong, and a confident
+# wrong guess costs more than an honest "don't know".
+#
 # Now the package versions (`mmcourse.contrastive.info_nce` for one direction, `clip_loss`
 # for both; `clip_loss` takes the *logit scale* $s = 1/\tau$, the way CLIP stores it) and
 # the trusted one, `transformers`' CLIP loss, which takes the text-by-image logits. Same
@@ -234,8 +244,10 @@ print(f"step by step {loss_clip.item():.4f} | mmcourse {ours.item():.4f} | trans
 #
 # $$\mathcal{L}_{\min}(\tau) = \log\!\left(1 + (B-1)\, e^{-\left(1 + \frac{1}{B-1}\right)/\tau}\right).$$
 #
-# At $\tau = 1$ that floor is close to $\log B$, chance level: the softmax can never become
-# peaked, and the gradient keeps pushing on pairs that are already right. At small $\tau$
+# (That spread, the corners of a regular simplex, needs $D \ge B - 1$ dimensions: with
+# $D = 64$ and $B = 128$ below it is out of reach, so the true floor there is a little
+# higher.) At $\tau = 1$ the floor is most of $\log B$, chance level (the printout gives
+# the share): the softmax can never become peaked, and the gradient keeps pushing on pairs that are already right. At small $\tau$
 # the floor vanishes, but the logits of the hardest negatives dominate the gradient and
 # training gets spiky. CLIP therefore *learns* $\tau$: it stores $t = \log(1/\tau)$
 # (`LogitScale`, initialised at $\log(1/0.07)$, about 2.66) and clamps $1/\tau$ at 100, so
@@ -251,15 +263,19 @@ def loss_floor(batch_size: int, tau: float) -> float:
 taus = [1.0, 0.3, 0.07, 0.01]
 print(f"floor of the CLIP loss for B = {batch_size} (log B = {math.log(batch_size):.3f}):")
 print("  ".join(f"tau={t}: {loss_floor(batch_size, t):.3f}" for t in taus))
+print(f"at tau=1 the floor is {loss_floor(batch_size, 1.0) / math.log(batch_size):.0%} of log B")
 
 # %% [markdown]
 # ## 5. A tiny CLIP, trained from scratch
 #
-# `mmcourse.clip.TinyClip` is CLIP at 1/10,000 scale: the ViT of chapter 04 as image tower
+# `mmcourse.clip.TinyClip` is CLIP shrunk a few hundred times (the ratio is printed
+# below): the ViT of chapter 04 as image tower
 # (32 × 32 images, 8 × 8 patches, [CLS] pooled), a small BERT as text tower over a
 # word-level vocabulary built from the training captions (`WordTokenizer`), each followed
 # by a linear projection into a shared 64-dimensional space, and `ClipLoss` with its learned
-# logit scale. `train_clip` runs AdamW with warm-up and cosine decay.
+# logit scale. `train_clip` runs AdamW with warm-up and cosine decay: the learning rate
+# rises linearly over the first 20 steps, then falls along half a cosine to 0 (chapter 08
+# explains optimisers and schedules).
 
 # %%
 from mmcourse.clip import (
@@ -284,7 +300,8 @@ train_text = tokenizer(train["canonical_caption"])
 torch.manual_seed(seed)
 clip_model = TinyClip(TinyClipConfig(vocab_size=len(tokenizer)))
 clip_loss_fn = ClipLoss()
-print(f"tiny CLIP: {sum(p.numel() for p in clip_model.parameters()):,} parameters")
+num_params = sum(p.numel() for p in clip_model.parameters())
+print(f"tiny CLIP: {num_params:,} parameters, about 1/{151e6 / num_params:,.0f} of CLIP ViT-B/32's ~151 M")
 clip_history = train_clip(clip_model, clip_loss_fn, train["images"], train_text, device=device,
                           config=ClipTrainConfig(steps=clip_steps, batch_size=batch_size, lr=lr, seed=seed))
 print(f"{clip_steps} steps in {clip_history.seconds:.1f} s ({clip_history.pairs_per_second:,.0f} pairs/s); "
@@ -293,7 +310,8 @@ print(f"{clip_steps} steps in {clip_history.seconds:.1f} s ({clip_history.pairs_
 # %% [markdown]
 # The Shapes training set has only a few hundred distinct canonical captions, so a batch
 # of 128 often holds the same caption twice. Section 8.3 shows that this puts a floor under
-# the loss; the dashed line is that floor, averaged over the batches of this run.
+# the loss; the dashed line is that floor, averaged over 50 random batches of the training
+# captions (seed 0).
 
 # %%
 def caption_ids(captions: list[str]) -> torch.Tensor:
@@ -311,6 +329,7 @@ def batch_duplicate_floor(captions: list[str], batch_size: int, num_batches: int
 
 
 clip_dup_floor = batch_duplicate_floor(train["canonical_caption"], batch_size)
+print(f"floor set by repeated captions at B = {batch_size}: {clip_dup_floor:.3f} nats")
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), layout="constrained")
 axes[0].plot(clip_history.loss, lw=1, label="training loss")
 axes[0].axhline(clip_dup_floor, ls="--", c="k", label="floor set by repeated captions")
@@ -350,7 +369,8 @@ plt.show()
 # "a red circle", "a blue square", ..., and give each image the class whose prompt is the
 # most similar. No classifier is trained, so the classes can be anything the text tower can
 # read, including compositions never seen together: none of the training captions
-# mentions a purple circle. This is 003 §2's prompt learning in its simplest form, with
+# mentions a purple circle. Getting those right is **compositional generalisation**
+# (组合泛化): "purple" and "circle" were each learned, only apart. This is 003 §2's prompt learning in its simplest form, with
 # hand-written prompts (learned prompt vectors, CoOp, are the next step).
 #
 # The prompt's wording matters. The bare class name "red circle" looks nothing like a
@@ -404,22 +424,36 @@ scratch_zero_shot.round(3)
 # %% [markdown]
 # Chance is 1/24. The bare name and "a {}" are both weak: neither looks like a training
 # caption, which always names a size and a position. CLIP's mean over the sizes and
-# positions helps on the seen compositions, little or not at all on the held-out ones; the
-# best-prompt rule helps on both, by far. Why does `max` beat CLIP's `mean` here? The text tower has learned that "a small red circle on
-# the left" and "a large red circle at the bottom" describe *different* images, so their
-# average resembles neither; the best single prompt is the one that describes this image.
-# In CLIP's ImageNet prompts ("a photo of a {}", "a sketch of a {}") the templates vary
-# the style, not the content, and the mean works well. Below, the score over all 24
-# classes (the mean of the per-class accuracies over test and held-out images together),
-# and the numbers this chapter records.
+# positions helps on the seen compositions but not on the held-out ones: there it is no
+# better than plain "a {}" (compare the rows). Only the best-prompt rule helps on
+# both, by far. Two things lie behind this, and both limit what the `max` numbers mean.
+#
+# * The text tower has learned that "a small red circle on the left" and "a large red
+#   circle at the bottom" describe *different* images, so their average resembles neither:
+#   under the mean rule the one prompt that matches the image contributes only 1/10 of
+#   the class's score (10 prompts per class, printed below). In CLIP's ImageNet prompts ("a
+#   photo of a {}", "a sketch of a {}") the templates vary the style, not the content, and
+#   the mean works well.
+# * Our 10 templates enumerate every size × position, so the 240 prompts *are* all the
+#   canonical captions the world can produce, and the `max` rule is nearest-caption
+#   retrieval over them. That is only possible because Shapes is closed; for open-world
+#   images no prompt list enumerates every possible caption, and CLIP uses the mean. The
+#   weakness of "a {}" and of the mean is also partly of our making: the tower was trained
+#   only on fully specified captions, so it never learned what a caption that leaves out
+#   the size or the position should look like.
+#
+# Below, the score over all 24 classes (the mean of the per-class accuracies over test and
+# held-out images together) under both rules, and the numbers this chapter records. The
+# headline numbers use `max` and say so in their names.
 
 # %%
 P_full = prompt_embeddings(encode_clip, templates["sizes x positions: 'a small {} on the left', ..."])
 
 
-def per_class_accuracy(model_embeds: list, labels: list, P: torch.Tensor) -> tuple[float, float, float]:
-    """(test top-1, held-out top-1, mean per-class top-1 over all 24 classes), max ensemble."""
-    preds = [zero_shot_scores(e, P, ensemble="max").argmax(-1) for e in model_embeds]
+def per_class_accuracy(model_embeds: list, labels: list, P: torch.Tensor,
+                       ensemble: str = "max") -> tuple[float, float, float]:
+    """(test top-1, held-out top-1, mean per-class top-1 over all 24 classes) with this prompt ensemble."""
+    preds = [zero_shot_scores(e, P, ensemble=ensemble).argmax(-1) for e in model_embeds]
     accs = [(p == y).float().mean().item() for p, y in zip(preds, labels, strict=True)]
     pred, label = torch.cat(preds), torch.cat(labels)
     per_class = [(pred[label == c] == c).float().mean().item() for c in range(len(CLASS_NAMES)) if (label == c).any()]
@@ -427,13 +461,18 @@ def per_class_accuracy(model_embeds: list, labels: list, P: torch.Tensor) -> tup
     return accs[0], accs[1], float(np.mean(per_class))
 
 
-zs_test, zs_heldout, zs_all = per_class_accuracy([e for e, _ in clip_image_embeds.values()],
-                                                 [y for _, y in clip_image_embeds.values()], P_full)
-print(f"zero-shot top-1 (prompt ensemble, max): test {zs_test:.3f}, held-out compositions {zs_heldout:.3f}, "
-      f"mean over all 24 classes {zs_all:.3f}; chance {1 / 24:.3f}")
-mmcourse.record("zero_shot_top1_all_classes", zs_all, at_least=0.92)
-mmcourse.record("zero_shot_top1_test", zs_test, at_least=0.93)
-mmcourse.record("zero_shot_top1_heldout_compositions", zs_heldout, at_least=0.7)
+print(f"{P_full.shape[1]} prompts per class, {P_full.shape[0] * P_full.shape[1]} prompts in all")
+zs = {rule: per_class_accuracy([e for e, _ in clip_image_embeds.values()], [y for _, y in clip_image_embeds.values()],
+                               P_full, rule) for rule in ("max", "mean")}
+for rule, (t, h, a) in zs.items():
+    print(f"zero-shot top-1, {rule:>4} over the prompts: test {t:.3f}, held-out compositions {h:.3f}, "
+          f"mean over all 24 classes {a:.3f}; chance {1 / 24:.3f}")
+zs_test, zs_heldout, zs_all = zs["max"]
+mmcourse.record("zero_shot_top1_all_classes_max_prompt", zs_all, at_least=0.92)
+mmcourse.record("zero_shot_top1_test_max_prompt", zs_test, at_least=0.93)
+mmcourse.record("zero_shot_top1_heldout_max_prompt", zs_heldout, at_least=0.7)
+mmcourse.record("zero_shot_top1_all_classes_mean_prompt", zs["mean"][2], at_least=0.45)
+mmcourse.record("zero_shot_top1_heldout_mean_prompt", zs["mean"][1], at_least=0.3)
 
 # %% [markdown]
 # ## 7. Retrieval, both directions, and what the space looks like
@@ -483,6 +522,11 @@ fig.suptitle("Tiny-CLIP embeddings: test images (dots) and captions (crosses), f
 plt.show()
 
 # %% [markdown]
+# The first two components arrange the points mostly by colour, images next to their
+# captions; shape separates only partly and position hardly at all in this view. The other
+# 62 dimensions carry them (retrieval above tells them apart).
+
+# %% [markdown]
 # ## 8. What the loss needs: temperature, batch size, duplicates, and a broken variant
 #
 # Each question below needs several training runs, too many for the tiny ViT on a CPU. So
@@ -490,7 +534,14 @@ plt.show()
 # once to its first principal components of pixels (cached), the text is a bag of words,
 # and each side is a small MLP trained with the same `train_clip`. It trains in about a
 # second and is about as accurate on this task, because one 32 × 32 object needs no deep
-# image tower; what follows is about the *loss*, which is the same.
+# image tower. The loss is the same; the model is not, and effects that come from
+# optimising deep towers (training turning spiky at small $\tau$, for instance) show up
+# weaker here or not at all. Read every table of this section as "FeatureClip, this many
+# steps" (the titles say how many), and its zero-shot column as the `max` prompt rule of
+# section 6. Besides accuracy, each run reports how its embeddings are spread: the mean
+# cosine between different test images and between different captions, the mean cosine of
+# the positive pairs, and the share of the (uncentred) variance of the image embeddings
+# along their first principal component (1 means all images lie on one line).
 
 # %%
 pixels = train["images"].flatten(1)  # (N, 3072)
@@ -517,12 +568,18 @@ def run_feature_clip(loss_fn: nn.Module, *, steps: int = sweep_steps, batch: int
                          config=ClipTrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False))
     image_test = encode_images(model, feature_sets["test"])
     P = encode_texts(model, P_tokens).reshape(len(CLASS_NAMES), -1, image_test.shape[1])
-    gallery_sim = encode_images(model, feature_sets["test"][gallery]) @ encode_texts(model, gallery_tokens).T
+    gallery_sim = encode_images(model, feature_sets["test"][gallery]) @ encode_texts(model, gallery_tokens).T  # (G, G)
+    text_gallery = encode_texts(model, gallery_tokens)
     off_diagonal = ~torch.eye(len(image_test), dtype=torch.bool)
+    off_diagonal_texts = ~torch.eye(len(text_gallery), dtype=torch.bool)
+    singular_values = torch.linalg.svdvals(image_test)
     return {
         "zero-shot test": (zero_shot_scores(image_test, P, ensemble="max").argmax(-1) == test["labels"]).float().mean().item(),
         "R@1 image->text": retrieval_metrics(gallery_sim)["image_to_text_R@1"],
         "mean cosine between images": (image_test @ image_test.T)[off_diagonal].mean().item(),
+        "mean cosine between texts": (text_gallery @ text_gallery.T)[off_diagonal_texts].mean().item(),
+        "mean cosine of positives": gallery_sim.diagonal().mean().item(),
+        "first component's share (images)": (singular_values[0] ** 2 / (singular_values**2).sum()).item(),
         "final loss": float(np.mean(history.loss[-20:])),
     }, history
 
@@ -538,39 +595,51 @@ def fixed_temperature(tau: float) -> ClipLoss:
 # ### 8.1 Temperature: fixed values against a learned one
 #
 # Same data, same model, same steps; only $\tau$ changes. The "floor" column is
-# $\mathcal{L}_{\min}(\tau)$ of section 4 for B distinct pairs.
+# $\mathcal{L}_{\min}(\tau)$ of section 4 for B distinct pairs; it ignores the repeated
+# captions, whose own floor at this B was printed in section 5 and is why the final losses
+# at small $\tau$ stop well above 0 (section 8.3). Two learned runs start from CLIP's
+# $\tau = 0.07$ and from $\tau = 1$.
 
 # %%
 temperature_rows = {}
 for tau_value in taus:
     temperature_rows[f"tau = {tau_value}"] = run_feature_clip(fixed_temperature(tau_value))[0] | {"floor": loss_floor(batch_size, tau_value)}
-learned_loss = ClipLoss()
-temperature_rows["learned (init 0.07)"], learned_history = run_feature_clip(learned_loss)
-temperature_rows["learned (init 0.07)"]["floor"] = float("nan")
-print(f"learned tau after {sweep_steps} steps: {1 / learned_history.logit_scale[-1]:.4f}")
+learned_tau = {}
+for init in (0.07, 1.0):
+    temperature_rows[f"learned (init {init})"], learned_history = run_feature_clip(ClipLoss(init_scale=1 / init))
+    temperature_rows[f"learned (init {init})"]["floor"] = float("nan")
+    learned_tau[init] = 1 / learned_history.logit_scale[-1]
+    print(f"learned tau after {sweep_steps} steps, from {init}: {learned_tau[init]:.4f}")
+print(f"FeatureClip, {sweep_steps} steps, B = {batch_size}:")
 temperature_table = pd.DataFrame(temperature_rows).T
 temperature_table.round(3)
 
 # %% [markdown]
 # At $\tau = 1$ the loss stays near its floor, which is near chance: the model cannot
 # express confidence, however right its ranking is. Very small $\tau$ also trains here, but
-# look at the last column: the image embeddings no longer spread over the sphere (the
-# mean cosine between different images rises), the loss having stopped caring about
-# anything but the few nearest negatives. The learned temperature lands in between
-# without a sweep, which is why CLIP learns it. On this easy task the accuracy differences
-# are small; the loss floor is the robust lesson.
+# look at the "mean cosine between images" column: at $\tau = 0.01$ the image embeddings no
+# longer spread over the sphere (the mean cosine between different images rises), the
+# loss having stopped caring about anything but the few nearest negatives. The learned
+# temperature does not find the best value by itself in so few steps: from 0.07 it moves
+# only a little, and from 1 it comes down only part of the way (both printed above), so in
+# a short run its starting value is still a choice that matters. CLIP learns it over a very
+# long run, where it ends at its clamp, $\tau = 0.01$ (a logit scale of 100); learning it
+# saves a sweep there, not here. On this easy task the accuracy differences are small; the
+# loss floor is the robust lesson.
 
 # %%
 mmcourse.record("temperature_1_final_loss_minus_floor", temperature_table.loc["tau = 1.0", "final loss"]
                 - temperature_table.loc["tau = 1.0", "floor"], at_most=0.3)
-mmcourse.record("learned_temperature_zero_shot", temperature_table.loc["learned (init 0.07)", "zero-shot test"], at_least=0.93)
+mmcourse.record("learned_temperature_zero_shot_max_prompt", temperature_table.loc["learned (init 0.07)", "zero-shot test"],
+                at_least=0.93)
+mmcourse.record("learned_tau_from_1", learned_tau[1.0], at_least=0.3)
 
 # %% [markdown]
 # ### 8.2 Batch size, and SigLIP
 #
 # Each row of the CLIP loss is a B-way classification: more pairs per batch means more
 # negatives per positive and a harder, more informative task. CLIP trained at B = 32,768.
-# The SigLIP loss (Zhai et al. 2023) replaces the softmax over each row by an independent
+# The SigLIP loss (Zhai et al. 2023), a **sigmoid loss** (sigmoid 损失), replaces the softmax over each row by an independent
 # sigmoid for every pair, "is this caption this image's, yes or no?":
 #
 # $$\mathcal{L}_{\text{SigLIP}} = -\frac{1}{B} \sum_{i=1}^{B} \sum_{j=1}^{B} \log \sigma\big(z_{ij}\,(s\, \hat u_i^\top \hat v_j + b)\big),
@@ -579,7 +648,10 @@ mmcourse.record("learned_temperature_zero_shot", temperature_table.loc["learned 
 # with a learned scale $s$ and bias $b$ (`SigLipLoss`, initialised at 10 and −10). No
 # normalisation over the batch is needed, which makes it cheaper to distribute, and the
 # paper finds it better than the softmax at small batches. Both losses below, at three
-# batch sizes, for the same number of steps (so larger batches also see more pairs).
+# **batch sizes** (批大小), for the same number of steps. That is a confound to keep in
+# mind: in the same steps B = 128 sees 16 times as many pairs as B = 8, so the gain below
+# is "more negatives *and* more data", not the negatives alone (a B = 8 run with 16 times
+# the steps would separate them; it costs more than this notebook's time budget).
 
 # %%
 batch_sizes = [b for b in (8, 32, 128) if b <= num_train]
@@ -588,7 +660,8 @@ for b in batch_sizes:
     for loss_name, make_loss in (("CLIP (softmax)", ClipLoss), ("SigLIP (sigmoid)", SigLipLoss)):
         scores, history = run_feature_clip(make_loss(), batch=b)
         batch_rows.append({"B": b, "loss": loss_name, **scores})
-batch_table = pd.DataFrame(batch_rows)
+batch_table = pd.DataFrame(batch_rows)[["B", "loss", "zero-shot test", "R@1 image->text", "final loss"]]
+print(f"FeatureClip, {sweep_steps} steps at every B:")
 batch_table.round(3)
 
 # %%
@@ -601,7 +674,8 @@ ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
 ax.legend()
 plt.show()
 clip_by_b = batch_table[batch_table["loss"] == "CLIP (softmax)"].set_index("B")["zero-shot test"]
-mmcourse.record("batch_size_gain_8_to_128", clip_by_b[128] - clip_by_b[8], at_least=0.1)
+# same steps, so B = 128 also sees 16x the pairs: the gain mixes more negatives with more data
+mmcourse.record("batch_size_gain_8_to_128_same_steps_16x_pairs", clip_by_b[128] - clip_by_b[8], at_least=0.1)
 
 # %% [markdown]
 # ### 8.3 False negatives: repeated captions and paraphrases
@@ -621,15 +695,16 @@ final_losses = batch_table[batch_table["loss"] == "CLIP (softmax)"].set_index("B
 fig, ax = plt.subplots(figsize=(6, 3.6))
 ax.plot(list(floors), list(floors.values()), "o--", c="k", label="floor from repeated captions")
 ax.plot(final_losses.index, final_losses.values, "o-", label="final training loss (CLIP, 8.2)")
-ax.set(xscale="log", xlabel="batch size B (log scale)", ylabel="nats", title="The loss cannot go below the duplicates' floor")
+ax.set(xscale="log", xlabel="batch size B (log scale)", ylabel="CLIP loss (nats)",
+       title="The loss cannot go below the duplicates' floor")
 ax.set_xticks(list(floors), [str(b) for b in floors])
 ax.legend()
 plt.show()
 
 # %% [markdown]
 # The training loss sits just above the floor. But is the model *hurt*? Compare with the
-# label-aware fix: count every pair with the same caption as a positive, a
-# **multi-positive** target $q_{ij} = [y_i = y_j] / k_i$ (`multi_positive_clip_loss`;
+# **label-aware** (标签感知) fix: count every pair with the same caption as a positive, a
+# **multi-positive** (多正样本) target $q_{ij} = [y_i = y_j] / k_i$ (`multi_positive_clip_loss`;
 # with distinct captions it is the CLIP loss). On one batch of test scenes, with the trained
 # tiny CLIP, and with the gradients of both losses:
 
@@ -670,7 +745,9 @@ mmcourse.record("duplicate_floor_share_of_loss", duplicate_loss_floor(batch_ids)
 # copies the identity targets average out to the multi-positive ones (the k tied columns
 # share one logit), so repeated text only inflates the reported loss: most of it, on this
 # batch, is the floor. Do not read a
-# contrastive loss as "how wrong the model is" before subtracting it.
+# contrastive loss as "how wrong the model is" before subtracting it. Deduplicating the
+# captions of a batch removes the copies and the floor with them; it changes the reported
+# number, not what the model learns.
 #
 # **Paraphrases.** "A big crimson disk to the left" and "a large red circle on the left"
 # describe the same scene in different words. Now the identity target can be obeyed, by
@@ -680,10 +757,42 @@ mmcourse.record("duplicate_floor_share_of_loss", duplicate_loss_floor(batch_ids)
 # multi-positive loss, two captions counting as the same when they describe the same
 # size, colour, shape and position (`train_clip(..., labels=...)`). Then zero-shot with the
 # canonical prompts, and retrieval on the gallery with its canonical and its sampled captions.
+#
+# The sampled captions hide a ceiling. Three of the dataset's four object templates leave
+# out the size, the position or both, so "a picture of a lemon disk" is true of every
+# yellow circle in the gallery, and exact R@1 cannot reach 1 even for a perfect model. We
+# therefore also count a retrieved image as right when it fits everything the caption
+# states (`consistent`), and print the exact-R@1 ceiling.
 
 # %%
 from mmcourse.clip import MultiPositiveClipLoss
 
+
+def consistent(captions: list[str], objects: list[dict]) -> torch.Tensor:
+    """(G, G) bool: entry (j, k) is True when image k fits every attribute caption j (of image j) states."""
+    rows = []
+    for caption, o in zip(captions, objects, strict=True):
+        words = WordTokenizer.split(caption)
+        size_stated = any(w in words for w in SIZE_SYNONYMS[o["size"]])
+        position_stated = any(phrase in caption for phrase in POSITION_PHRASES[o["position"]])
+        rows.append([g["shape"] == o["shape"] and g["colour"] == o["colour"]
+                     and (not size_stated or g["size"] == o["size"])
+                     and (not position_stated or g["position"] == o["position"]) for g in objects])
+    return torch.tensor(rows)
+
+
+def consistent_r1(similarity: torch.Tensor, fits: torch.Tensor) -> float:
+    """Text -> image R@1 counting any image that fits the caption. similarity: (images, texts)."""
+    top = similarity.argmax(dim=0)  # (G,) the best image for each caption
+    return fits[torch.arange(len(top)), top].float().mean().item()
+
+
+sampled_captions = [test["caption"][i] for i in gallery]
+sampled_fits = consistent(sampled_captions, gallery_objects)
+assert consistent(gallery_captions, gallery_objects).equal(torch.eye(len(gallery), dtype=torch.bool))
+print(f"sampled gallery captions that single out one image: {(sampled_fits.sum(1) == 1).float().mean():.0%}; "
+      f"ceiling of exact text->image R@1 for a perfect model (ties broken at random): "
+      f"{(1 / sampled_fits.sum(1).float()).mean():.3f}")
 synonym_tokenizer = WordTokenizer.from_texts(train["caption"])
 synonym_text = synonym_tokenizer(train["caption"])
 content_ids = caption_ids(train["canonical_caption"])  # equal for the same size, colour, shape and position
@@ -700,8 +809,9 @@ for loss_name, loss_fn, labels in (("CLIP loss (identity targets)", ClipLoss(), 
     row = {"zero-shot test": (zero_shot_scores(image_test, P, ensemble="max").argmax(-1) == test["labels"]).float().mean().item()}
     image_gallery = encode_images(model, feature_sets["test"][gallery])
     for field in ("canonical_caption", "caption"):
-        metrics = retrieval_metrics(image_gallery @ encode_texts(model, synonym_tokenizer([test[field][i] for i in gallery])).T)
-        row[f"text->image R@1 ({field.replace('_', ' ')}s)"] = metrics["text_to_image_R@1"]
+        sim = image_gallery @ encode_texts(model, synonym_tokenizer([test[field][i] for i in gallery])).T  # (G, G)
+        row[f"text->image R@1 ({field.replace('_', ' ')}s)"] = retrieval_metrics(sim)["text_to_image_R@1"]
+    row["text->image R@1 (captions, any fitting image)"] = consistent_r1(sim, sampled_fits)
     fn_rows[loss_name] = row
 fn_table = pd.DataFrame(fn_rows).T
 print(f"FeatureClip on captions with synonyms, B = {fn_batch_size}, {sweep_steps} steps "
@@ -709,31 +819,44 @@ print(f"FeatureClip on captions with synonyms, B = {fn_batch_size}, {sweep_steps
 fn_table.round(3)
 
 # %%
-mmcourse.record("false_negative_fix_zero_shot_gain", fn_table.iloc[1]["zero-shot test"] - fn_table.iloc[0]["zero-shot test"], at_least=0.02)
+mmcourse.record("false_negative_fix_zero_shot_gain_max_prompt", fn_table.iloc[1]["zero-shot test"] - fn_table.iloc[0]["zero-shot test"])
 mmcourse.record("false_negative_fix_canonical_R1_gain", fn_table.iloc[1]["text->image R@1 (canonical captions)"]
-                - fn_table.iloc[0]["text->image R@1 (canonical captions)"], at_least=0.1)
+                - fn_table.iloc[0]["text->image R@1 (canonical captions)"], at_least=0.0)
 
 # %% [markdown]
-# The paraphrases were hurting: with the label-aware targets the same model, same steps,
-# classifies and retrieves better. The larger the batch, the more paraphrases share it,
-# so the problem grows exactly where contrastive learning wants to go. In practice:
-# deduplicate captions within a batch, use multi-positive targets where labels or
+# At this batch size and run length the label-aware targets change little (the table):
+# counted by exact R@1, the sampled captions look hard for both, but counting any fitting
+# image, both retrieve almost perfectly, so the low exact numbers are mostly the ceiling
+# printed above, not harm done by paraphrases. Read any gap with two caveats. It is not the harm of paraphrases alone: the multi-positive
+# run is also *told* which captions mean the same, a supervision the CLIP run never gets.
+# And the labels cover only exact paraphrases: an underspecified caption ("a picture of a
+# lemon disk") is true of several gallery images of other sizes or positions, yet
+# `content_ids` still counts those as negatives, so the worst false negatives of this data
+# remain in both runs. The more pairs a batch holds, the more paraphrases of each caption
+# it contains, so one expects the problem to grow with B; we ran one batch size only and
+# have not measured that. In practice: multi-positive targets where labels or
 # near-duplicate detection exist, or soft targets from a teacher (ALBEF's momentum
 # distillation).
 #
 # ### 8.4 Common pitfall: the source's soft-target `CLIPLoss`
 #
 # > **Common pitfall: building the targets from the model's own similarities.** 004 §4.2.2
-# > gives this `CLIPLoss`:
+# > gives this `CLIPLoss` (its `forward`, default `temperature=1.0`):
 # > ```python
+# > image_features = F.normalize(image_features, dim=-1)
+# > text_features = F.normalize(text_features, dim=-1)
 # > logits = image_features @ text_features.T / self.temperature
 # > images_similarity = image_features @ image_features.T
 # > texts_similarity = text_features @ text_features.T
 # > targets = F.softmax((images_similarity + texts_similarity) / 2 * self.temperature, dim=-1)
 # > texts_loss = cross_entropy(logits, targets, reduction='none')
 # > images_loss = cross_entropy(logits.T, targets.T, reduction='none')
+# > loss = (images_loss + texts_loss) / 2.0
+# > return loss.mean()
 # > ```
-# > The targets are not the identity: they are made from the embeddings themselves (and
+# > (`cross_entropy` is never defined in the source; we read it as the soft-target
+# > cross-entropy $-\sum_j q_{ij} \log p_{ij}$ per row, which is what `F.cross_entropy` does
+# > with probability targets.) The targets are not the identity: they are made from the embeddings themselves (and
 # > not detached), so the model chooses its own answers. If every embedding is the same
 # > vector, targets and predictions are both uniform and the loss is satisfied without
 # > learning anything. Worse, the temperature *divides* the logits but *multiplies* the
@@ -745,7 +868,8 @@ mmcourse.record("false_negative_fix_canonical_R1_gain", fn_table.iloc[1]["text->
 #
 # A run shows it: the same FeatureClip trained with the source's loss (our faithful copy,
 # `soft_target_clip_loss`) at its default $\tau = 1$ and at CLIP's 0.07, against the real
-# loss (the learned-temperature run of 8.1).
+# loss at the same fixed $\tau = 1$ (so that any failure is due to the targets, not the
+# temperature) and with its learned temperature (both runs of 8.1).
 
 # %%
 class SourceCLIPLoss(nn.Module):
@@ -759,35 +883,51 @@ class SourceCLIPLoss(nn.Module):
         return soft_target_clip_loss(image_features, text_features, self.temperature)
 
 
-pitfall_rows = {"CLIP loss, learned tau": {k: v for k, v in temperature_rows["learned (init 0.07)"].items() if k != "floor"}}
+pitfall_rows = {"CLIP loss, fixed tau = 1": temperature_rows["tau = 1.0"],
+                "CLIP loss, learned tau": temperature_rows["learned (init 0.07)"]}
 for source_tau in (1.0, 0.07):
     pitfall_rows[f"source's CLIPLoss, temperature={source_tau}"] = run_feature_clip(SourceCLIPLoss(source_tau))[0]
-pitfall_table = pd.DataFrame(pitfall_rows).T.drop(columns="final loss")
+pitfall_table = pd.DataFrame(pitfall_rows).T.drop(columns=["final loss", "floor"])
+print(f"FeatureClip, {sweep_steps} steps, B = {batch_size}:")
 pitfall_table.round(3)
 
 # %%
-mmcourse.record("soft_target_R1", pitfall_table.iloc[1]["R@1 image->text"], at_most=0.2)
-mmcourse.record("soft_target_tau007_R1", pitfall_table.iloc[2]["R@1 image->text"], at_most=0.2)
-mmcourse.record("clip_loss_R1_same_setting", pitfall_table.iloc[0]["R@1 image->text"], at_least=0.93)
+source_1, source_007 = pitfall_table.loc["source's CLIPLoss, temperature=1.0"], pitfall_table.loc["source's CLIPLoss, temperature=0.07"]
+mmcourse.record("soft_target_R1", source_1["R@1 image->text"], at_most=0.2)
+mmcourse.record("soft_target_first_component_share", source_1["first component's share (images)"], at_least=0.8)
+mmcourse.record("soft_target_tau007_R1", source_007["R@1 image->text"], at_most=0.2)
+mmcourse.record("soft_target_tau007_mean_text_cosine", source_007["mean cosine between texts"], at_least=0.8)
+mmcourse.record("clip_loss_R1_same_setting", pitfall_table.loc["CLIP loss, learned tau", "R@1 image->text"], at_least=0.93)
+mmcourse.record("clip_loss_tau1_R1_same_setting", pitfall_table.loc["CLIP loss, fixed tau = 1", "R@1 image->text"], at_least=0.9)
 
 # %% [markdown]
-# With the source's loss, retrieval and zero-shot are near chance at both temperatures:
-# the pairs were merged, not aligned. At $\tau = 0.07$ the embeddings also crowd together
-# (the mean cosine between different images is far above the real loss's, near 0): the
-# loss is satisfied by making images look alike. The real loss, same model, same steps,
-# retrieves almost perfectly.
+# With the source's loss, retrieval and zero-shot are near chance at both temperatures,
+# while the CLIP loss at the same fixed $\tau = 1$ retrieves almost perfectly: the targets
+# are to blame, not the temperature. The two failures are different collapses.
+#
+# * At $\tau = 1$ the image embeddings lie on one line: the first component holds almost
+#   all their variance. Their mean cosine is near 0 only because they fall into two
+#   opposite clusters on that line, which average out. Each caption sits on its image
+#   (the positives' cosine is near 1): the pairs are merged onto one axis, aligned but
+#   impossible to tell apart.
+# * At $\tau = 0.07$ it is the text side that collapses: every caption embedding is nearly
+#   the same vector (mean cosine between texts near 1), and the positives are no closer
+#   than random (cosine near 0).
+#
+# The real loss, same model, same steps, keeps both sides spread and retrieves almost
+# perfectly.
 #
 # ## 9. LiT: a pretrained text tower, locked
 #
-# Our text tower knows 27 words. Ask it about a "crimson disk" and it sees
+# Our text tower knows 22 words (section 5 printed its vocabulary). Ask it about a "crimson disk" and it sees
 # "[UNK] [UNK]". The fix in LiT (Zhai et al. 2022, **locked-image tuning** (锁定图像调优))
 # is to start a tower from a pretrained model and *lock* it (freeze it), training only the
 # other side to align with it. The paper locks a pretrained *image* tower and trains the
 # text tower; we have a pretrained *text* tower (MiniLM, 22.7 M parameters, trained on
 # over a billion sentence pairs) and no pretrained image model offline, so we do the
 # mirror image: a from-scratch image tower trained against the locked MiniLM. In the
-# paper's notation that is "uL" (image unlocked from scratch, text Locked), one of the
-# settings the paper compares. Because MiniLM is frozen, its sentence embedding of every
+# paper's notation that is "uL" (image unlocked and from scratch, text Locked); the paper's
+# own comparisons lock the image side. Because MiniLM is frozen, its sentence embedding of every
 # caption and prompt is computed once and cached; only its projection trains.
 
 # %%
@@ -817,13 +957,16 @@ lit_test, lit_heldout, lit_all = per_class_accuracy([e for e, _ in lit_image_emb
                                                     prompt_embeddings(encode_lit, templates["sizes x positions: 'a small {} on the left', ..."]))
 print(f"LiT, {lit_steps} steps in {lit_history.seconds:.1f} s: zero-shot top-1 (max ensemble) test {lit_test:.3f}, "
       f"held-out {lit_heldout:.3f}, all 24 classes {lit_all:.3f}")
+print(f"from-scratch tower, {clip_steps} steps:  zero-shot top-1 (max ensemble) test {zs_test:.3f}, "
+      f"held-out {zs_heldout:.3f}, all 24 classes {zs_all:.3f}")
 
 # %% [markdown]
-# On the seen compositions the two are close. On the held-out compositions LiT is less
-# accurate than the from-scratch tower (compare the two printed lines): a likely reason
-# is that MiniLM's sentence vectors do not split into "colour + shape" as cleanly as the
-# vectors of a tower trained on exactly these captions, and the projection, fit on 20
-# compositions, extrapolates less well to the other 4.
+# LiT is a little behind on the seen compositions and further behind on the held-out ones
+# (compare the two printed lines). Part of that is
+# unequal training: LiT ran fewer steps than the from-scratch CLIP (the time budget of
+# this notebook). The other part is MiniLM itself: it tells colour words apart poorly (the
+# last cell of this section asks it directly), and colour is half of every class name;
+# its projection, fit on 20 compositions, extrapolates less well to the other 4.
 #
 # On the training wording, retrieval is also close for both. The test that matters: captions in words
 # the from-scratch tower never saw. Each gallery caption is rewritten with one kind of
@@ -858,21 +1001,32 @@ wording_table = pd.DataFrame({
     "from-scratch text tower": {k: retrieval_metrics(gallery_images @ encode_clip(t).T)["text_to_image_R@1"] for k, t in wordings.items()},
     "LiT (locked MiniLM)": {k: retrieval_metrics(lit_gallery_images @ encode_lit(t).T)["text_to_image_R@1"] for k, t in wordings.items()},
 })
+fitting = "sampled captions, any fitting image"
+wording_table.loc[fitting] = [consistent_r1(gallery_images @ encode_clip(sampled_captions).T, sampled_fits),
+                              consistent_r1(lit_gallery_images @ encode_lit(sampled_captions).T, sampled_fits)]
+same_but_shape = torch.tensor([[(g["size"], g["colour"], g["position"]) == (o["size"], o["colour"], o["position"])
+                                for g in gallery_objects] for o in gallery_objects])
+print(f"exact R@1 ceiling on sampled captions: {(1 / sampled_fits.sum(1).float()).mean():.3f}; "
+      f"R@1 of a perfect model that ignores the shape word: {(1 / same_but_shape.sum(1).float()).mean():.3f}")
 wording_table.round(3)
 
 # %%
-unseen = [k for k in wordings if k != "canonical"]
+unseen = [k for k in wordings if k != "canonical"]  # exact R@1 only
 scratch_unseen, lit_unseen = wording_table.loc[unseen].mean()
 print(f"mean text->image R@1 over the {len(unseen)} unseen wordings: from scratch {scratch_unseen:.3f}, LiT {lit_unseen:.3f}")
 mmcourse.record("unseen_wording_R1_scratch", scratch_unseen)
 mmcourse.record("unseen_wording_R1_lit", lit_unseen, at_least=0.45)
 mmcourse.record("lit_gain_on_unseen_wording", lit_unseen - scratch_unseen, at_least=0.08)
-mmcourse.record("lit_zero_shot_top1_test", lit_test, at_least=0.9)
+mmcourse.record("lit_zero_shot_top1_test_max_prompt", lit_test, at_least=0.9)
 
 # %% [markdown]
 # LiT wins clearly on new templates and size words, where MiniLM already knows that "big"
-# is "large" and that "there is" adds nothing. Shape and colour synonyms remain hard for
-# both. Why? A locked tower can only pass on what it knows, and its projection was trained
+# is "large" and that "there is" adds nothing. Shape and colour synonyms are a different
+# story. On shape synonyms LiT does worse than the from-scratch tower, and the
+# from-scratch tower's score there is about what a perfect model that ignores the shape word
+# would get (printed above): it sees "[UNK]" and falls back on size, colour and position.
+# Counting any fitting image as right lifts both towers on the sampled captions, since many
+# of those name neither size nor position. Why do the synonyms fail? A locked tower can only pass on what it knows, and its projection was trained
 # on canonical words only. Ask MiniLM directly which canonical word each synonym is
 # nearest to, with no training at all:
 
@@ -892,10 +1046,14 @@ nearest = pd.concat([nearest_canonical(SIZE_SYNONYMS, "a {} object"), nearest_ca
 truth = {a: c for group in (SIZE_SYNONYMS, SHAPE_SYNONYMS, COLOUR_SYNONYMS) for c, alts in group.items() for a in alts[1:]}
 print("MiniLM's nearest canonical word (correct ones marked *):")
 print(", ".join(f"{a}->{c}{'*' if truth[a] == c else ''}" for a, c in nearest.items()))
+for name, group in (("size", SIZE_SYNONYMS), ("shape", SHAPE_SYNONYMS), ("colour", COLOUR_SYNONYMS)):
+    words = [a for alts in group.values() for a in alts[1:]]
+    print(f"{name} synonyms matched to the right canonical word: {sum(truth[a] == nearest[a] for a in words)} of {len(words)}")
 
 # %% [markdown]
 # MiniLM places "big" next to "large" and "disk" next to "circle", but most colour words
-# and every synonym of "triangle" and "cross" next to a wrong canonical word: a sentence model trained on
+# ("crimson" nearest "purple") and every synonym of "triangle" and "cross" next to a wrong
+# canonical word: a sentence model trained on
 # paraphrases has little reason to separate "cobalt" from "green" finely. LiT inherits the
 # knowledge of its locked tower, including its gaps; a pretrained tower that has seen
 # colour names next to images (CLIP's own) would close them.
@@ -916,17 +1074,23 @@ print(", ".join(f"{a}->{c}{'*' if truth[a] == c else ''}" for a, c in nearest.it
 #   the B × B similarity matrix must pick its diagonal. InfoNCE is that softmax; CLIP's loss
 #   is it in both directions, over L2-normalised embeddings, with a learned temperature.
 # * The temperature bounds the loss from below; too high and the model cannot be
-#   confident, too low and the embeddings stop spreading. Learn it.
-# * More pairs per batch mean more negatives: the accuracy at B = 8 is far below B = 128.
+#   confident, too low and the embeddings stop spreading (FeatureClip, a short run). CLIP
+#   learns it; in a short run the learned value stays near where it starts.
+# * More pairs per batch mean more negatives: the accuracy at B = 8 is far below B = 128
+#   (FeatureClip, same steps, so B = 128 also saw 16 times the pairs).
 #   SigLIP's per-pair sigmoid needs no softmax over the batch; on this task it is about
 #   as accurate as the CLIP loss.
 # * Repeated captions put a floor under the loss but leave the gradient unchanged;
-#   paraphrases are real false negatives that the identity targets push apart, more so at
-#   large batches; label-aware (multi-positive) targets fix them.
-# * Zero-shot classification is retrieval among prompts; the prompt's wording matters, and
-#   ensembling prompts helps (here, the best-matching prompt more than the mean).
+#   paraphrases and underspecified captions are real false negatives that the identity
+#   targets push apart; label-aware (multi-positive) targets remove them where labels
+#   exist (on this small run the measured harm was small).
+# * Zero-shot classification is retrieval among prompts; the prompt's wording matters. Here
+#   the best-matching prompt over an enumeration of every size and position works (a closed
+#   world only), while CLIP's mean over prompts helps on seen compositions and not on
+#   held-out ones.
 # * The source's soft-target `CLIPLoss` lets the model choose its own answers and fails
-#   (pairs merged, or total collapse); use identity targets.
+#   (at τ = 1 all images on one line with their captions, at τ = 0.07 the captions merged);
+#   use identity targets.
 # * A locked pretrained text tower (LiT) carries its vocabulary into the shared space,
 #   and so generalises to new wording where it knows the words.
 #
