@@ -48,7 +48,7 @@ device = "auto"  # "auto" picks cuda, then mps, then cpu
 max_dk = 512  # largest key width d_k in the sqrt(d_k) experiments (powers of two from 2)
 n_pairs = 4000  # random (q, k) pairs drawn per d_k
 image_size = 32  # side of a Shapes-world scene in pixels
-patch_size = 4  # P: a 32 x 32 scene becomes (32/4)^2 = 64 patch tokens
+patch_size = 4  # P: a 32 x 32 scene becomes an 8 x 8 grid, 64 patch tokens
 n_train = 2000  # training scenes for the cross-attention model (full: 20000 on a GPU)
 train_steps = 400  # training steps (full: 3000 on a GPU)
 batch_size = 64  # scenes per training step
