@@ -18,8 +18,11 @@ The loop every fine-tuning run of the course goes through (000 §4.2, 003 §4.1)
   saves model, optimiser, scheduler, step, history and best weights at every evaluation,
   and ``fit(..., resume=True)`` continues from there to the same final weights.
 
-The loop only touches ``model.parameters()`` and ``state_dict()``, so it also runs a model
-wrapped in ``DistributedDataParallel`` under ``torchrun`` (each process calls ``fit``).
+Under ``torchrun`` every process calls ``fit`` with its model wrapped in
+``DistributedDataParallel`` and its own shard of each batch: the loop only touches
+``model.parameters()`` and ``state_dict()``, a plain ``"cuda"`` device becomes the process's
+``cuda:LOCAL_RANK``, and only rank 0 writes the checkpoint (tests/test_train.py checks that
+2 gloo processes end with the weights of one process on the whole batches).
 
 Taught in notebooks/08_fine_tuning.
 """
@@ -326,6 +329,10 @@ def fit(
     if resume and config.checkpoint_path is None:
         raise ValueError("resume=True needs config.checkpoint_path")
     device = utils.get_device(config.device)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    if distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU each
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -407,7 +414,7 @@ def fit(
                     if config.patience is not None and bad_evaluations >= config.patience:
                         # patience ran out; at the last step that is no *early* stop
                         result.stopped_early = step < config.max_steps
-            if config.checkpoint_path is not None:
+            if config.checkpoint_path is not None and rank == 0:  # one writer per run
                 torch.save(
                     {
                         "model": model.state_dict(),

@@ -337,3 +337,60 @@ def test_bf16_on_gpu_overfits():
     assert result.history[-1]["loss"] < 0.1
     assert next(model.parameters()).device.type != "cpu"
     assert math.isfinite(result.history[-1]["loss"])
+
+
+# --- under torchrun: DistributedDataParallel, each process a shard of every batch --------
+
+WORLD = 2
+
+
+def _ddp_problem():
+    """A tiny regression model and 6 global batches of 8 examples, the same in every process."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.GELU(), nn.Linear(16, 1))
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(8, 5, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(6)
+    ]
+    return model, batches
+
+
+def _mse(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)  # a mean over examples: DDP's average of shards = the whole
+
+
+_DDP_CONFIG = dict(
+    max_steps=9, lr=1e-2, warmup_steps=2, grad_clip=None, eval_every=3, progress=False
+)
+
+
+def _ddp_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model, batches = _ddp_problem()
+        shard = [(x[rank::WORLD], y[rank::WORLD]) for x, y in batches]  # (4, 5), (4, 1) each
+        config = TrainConfig(**_DDP_CONFIG, device="cpu", checkpoint_path=f"{out_dir}/ckpt.pt")
+        fit(DistributedDataParallel(model), shard, loss_fn=_mse, config=config)
+        torch.save(model.state_dict(), f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fit_under_ddp_equals_one_process_on_whole_batches(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    model, batches = _ddp_problem()
+    fit(model, batches, loss_fn=_mse, config=TrainConfig(**_DDP_CONFIG, device="cpu"))
+    for rank in range(WORLD):
+        theirs = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(theirs[name], value, atol=1e-6, rtol=1e-5)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert saved["step"] == 9 and set(saved["model"]) == {f"module.{k}" for k in model.state_dict()}
