@@ -31,6 +31,7 @@ Taught in notebooks/06_contrastive_learning_and_clip; reused by 07 and 15.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -330,6 +331,50 @@ class ClipHistory:
     pairs_per_second: float = 0.0  # training throughput
 
 
+def adamw_warmup_cosine(
+    params: Iterable[nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with a linear warm-up, then a cosine decay to 0: CLIP's recipe.
+
+    Weight decay applies to matrices only, not to biases, norm scales or a logit scale
+    (1-D and 0-D parameters); parameters with ``requires_grad=False`` are left out.
+    Chapter 08 (``mmcourse.train``) builds the general version of this.
+
+    Args:
+        params: the parameters to train, e.g. the towers' and the loss's.
+        lr: the peak learning rate.
+        weight_decay: AdamW's decoupled weight decay on the matrices.
+        warmup_steps: steps of linear warm-up, lr * (step + 1) / warmup_steps.
+        total_steps: the step at which the cosine reaches 0.
+
+    Returns:
+        ``(optimizer, scheduler)``; call ``scheduler.step()`` after every ``optimizer.step()``.
+    """
+    trainable = [p for p in params if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 def train_clip(
     model: TinyClip | FeatureClip,
     loss_fn: nn.Module,
@@ -372,26 +417,13 @@ def train_clip(
     device = next(model.parameters()).device if device is None else torch.device(device)
     model.to(device).train()
     loss_fn.to(device).train()
-    decay, no_decay = [], []
-    for module in (model, loss_fn):
-        for param in module.parameters():
-            if param.requires_grad:
-                (decay if param.dim() >= 2 else no_decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
+    optimizer, scheduler = adamw_warmup_cosine(
+        [*model.parameters(), *loss_fn.parameters()],
         lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.steps,
     )
-
-    def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(n, generator=generator)
     cursor = 0

@@ -47,7 +47,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -60,7 +59,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmcourse.clip import ClipTrainConfig, TinyClip, TinyClipConfig, WordTokenizer
+from mmcourse.clip import (
+    ClipTrainConfig,
+    TinyClip,
+    TinyClipConfig,
+    WordTokenizer,
+    adamw_warmup_cosine,
+)
 from mmcourse.contrastive import ClipLoss, SigLipLoss, gather_features, siglip_loss
 from mmcourse.utils import get_device, non_negative_int, one_of, positive_float, positive_int
 
@@ -295,14 +300,6 @@ def _to(text: dict[str, Tensor] | Tensor, device: torch.device) -> dict[str, Ten
     return {key: value.to(device) for key, value in text.items()}
 
 
-def _lr_factor(step: int, config: ClipTrainConfig) -> float:
-    """``train_clip``'s schedule: linear warm-up, then cosine to 0."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.5 * (1 + math.cos(progress * math.pi))
-
-
 def train_clip_distributed(
     model: TinyClip,
     loss_fn: nn.Module,
@@ -367,19 +364,14 @@ def train_clip_distributed(
         )
     else:
         trainer = wrapper
-    decay, no_decay = [], []
-    for param in wrapper.parameters():  # the model's, then the loss's: train_clip's order
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
+    optimizer, scheduler = adamw_warmup_cosine(  # train_clip's recipe, same parameter order
+        wrapper.parameters(),
         lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.steps,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
-    params = decay + no_decay
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     history = DistributedHistory()
     start = time.perf_counter()
     batches = global_batch_indices(n, config.batch_size, config.steps, seed=config.seed)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mmcourse.attention import MultiHeadAttention
+from mmcourse.clip import adamw_warmup_cosine
 from mmcourse.encoders import (
     ACTIVATIONS,
     FeedForward,
@@ -889,23 +890,13 @@ def pretrain(
         raise ValueError(f"batch_size={config.batch_size} is larger than the {P} training pairs")
     device = next(model.parameters()).device if device is None else torch.device(device)
     model.to(device).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
+    optimizer, scheduler = adamw_warmup_cosine(
+        model.parameters(),
         lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.steps,
     )
-
-    def schedule(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(config.seed)
     order, cursor = torch.randperm(P, generator=generator), 0
     history = PretrainHistory(loss={name: [] for name in config.objectives})

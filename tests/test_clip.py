@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mmcourse.clip import (
     ClipTrainConfig,
@@ -12,6 +13,7 @@ from mmcourse.clip import (
     TinyClip,
     TinyClipConfig,
     WordTokenizer,
+    adamw_warmup_cosine,
     duplicate_loss_floor,
     encode_images,
     encode_texts,
@@ -378,3 +380,23 @@ def test_train_clip_passes_labels_to_a_multi_positive_loss():
             config=config,
             labels=labels[:3],
         )
+
+
+def test_adamw_warmup_cosine_groups_and_schedule():
+    weight = nn.Parameter(torch.ones(3, 2))
+    bias = nn.Parameter(torch.ones(3))
+    frozen = nn.Parameter(torch.ones(2, 2), requires_grad=False)
+    optimizer, scheduler = adamw_warmup_cosine(
+        [weight, bias, frozen], lr=1.0, weight_decay=0.1, warmup_steps=4, total_steps=14
+    )
+    decay, no_decay = optimizer.param_groups
+    assert decay["params"] == [weight] and decay["weight_decay"] == 0.1
+    assert no_decay["params"] == [bias] and no_decay["weight_decay"] == 0.0
+    lrs = []
+    for _ in range(14):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warm-up
+    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.5)  # cosine, halfway
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # 0 at the end
