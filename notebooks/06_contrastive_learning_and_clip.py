@@ -424,8 +424,8 @@ scratch_zero_shot.round(3)
 # %% [markdown]
 # Chance is 1/24. The bare name and "a {}" are both weak: neither looks like a training
 # caption, which always names a size and a position. CLIP's mean over the sizes and
-# positions helps on the seen compositions but not on the held-out ones: there it is no
-# better than plain "a {}" (compare the rows). Only the best-prompt rule helps on
+# positions helps on the seen compositions but hardly on the held-out ones: there it is
+# about the same as plain "a {}" (compare the rows). Only the best-prompt rule helps on
 # both, by far. Two things lie behind this, and both limit what the `max` numbers mean.
 #
 # * The text tower has learned that "a small red circle on the left" and "a large red
@@ -961,14 +961,15 @@ print(f"from-scratch tower, {clip_steps} steps:  zero-shot top-1 (max ensemble) 
       f"held-out {zs_heldout:.3f}, all 24 classes {zs_all:.3f}")
 
 # %% [markdown]
-# LiT is a little behind on the seen compositions and further behind on the held-out ones
+# LiT is behind the from-scratch tower on both the seen and the held-out compositions
 # (compare the two printed lines). Part of that is
 # unequal training: LiT ran fewer steps than the from-scratch CLIP (the time budget of
 # this notebook). The other part is MiniLM itself: it tells colour words apart poorly (the
-# last cell of this section asks it directly), and colour is half of every class name;
-# its projection, fit on 20 compositions, extrapolates less well to the other 4.
+# last cell of this section asks it directly), and colour is half of every class name.
+# On the held-out compositions its projection, fit on the other 20, must also extrapolate.
 #
-# On the training wording, retrieval is also close for both. The test that matters: captions in words
+# On the training wording, retrieval is high for both (the from-scratch tower a little
+# ahead). The test that matters: captions in words
 # the from-scratch tower never saw. Each gallery caption is rewritten with one kind of
 # change at a time (a new template, another phrase for the position, a synonym for the
 # size, the shape or the colour), plus the dataset's own sampled captions, which mix all of
@@ -1022,9 +1023,11 @@ mmcourse.record("lit_zero_shot_top1_test_max_prompt", lit_test, at_least=0.9)
 # %% [markdown]
 # LiT wins clearly on new templates and size words, where MiniLM already knows that "big"
 # is "large" and that "there is" adds nothing. Shape and colour synonyms are a different
-# story. On shape synonyms LiT does worse than the from-scratch tower, and the
-# from-scratch tower's score there is about what a perfect model that ignores the shape word
-# would get (printed above): it sees "[UNK]" and falls back on size, colour and position.
+# story: both towers score low on them. On colour synonyms LiT is ahead, but far below its
+# score on new templates; on shape synonyms LiT does worse than the from-scratch tower, and
+# the from-scratch tower's score there is close to (a little below) what a perfect model
+# that ignores the shape word would get (printed above): it sees "[UNK]" and falls back on
+# size, colour and position.
 # Counting any fitting image as right lifts both towers on the sampled captions, since many
 # of those name neither size nor position. Why do the synonyms fail? A locked tower can only pass on what it knows, and its projection was trained
 # on canonical words only. Ask MiniLM directly which canonical word each synonym is
@@ -1079,14 +1082,15 @@ for name, group in (("size", SIZE_SYNONYMS), ("shape", SHAPE_SYNONYMS), ("colour
 # * More pairs per batch mean more negatives: the accuracy at B = 8 is far below B = 128
 #   (FeatureClip, same steps, so B = 128 also saw 16 times the pairs).
 #   SigLIP's per-pair sigmoid needs no softmax over the batch; on this task it is about
-#   as accurate as the CLIP loss.
+#   as accurate as the CLIP loss at the larger batches and ahead of it at B = 8, as the
+#   paper finds for small batches.
 # * Repeated captions put a floor under the loss but leave the gradient unchanged;
 #   paraphrases and underspecified captions are real false negatives that the identity
 #   targets push apart; label-aware (multi-positive) targets remove them where labels
 #   exist (on this small run the measured harm was small).
 # * Zero-shot classification is retrieval among prompts; the prompt's wording matters. Here
 #   the best-matching prompt over an enumeration of every size and position works (a closed
-#   world only), while CLIP's mean over prompts helps on seen compositions and not on
+#   world only), while CLIP's mean over prompts helps on seen compositions and hardly on
 #   held-out ones.
 # * The source's soft-target `CLIPLoss` lets the model choose its own answers and fails
 #   (at τ = 1 all images on one line with their captions, at τ = 0.07 the captions merged);
