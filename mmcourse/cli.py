@@ -118,6 +118,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "torch",
         "transformers",
         "datasets",
+        "peft",
+        "accelerate",
         "papermill",
         "jupyterlab",
         "numpy",
