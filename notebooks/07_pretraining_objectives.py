@@ -48,7 +48,7 @@ itm_steps = 250  # MLM + ITM steps per model, batch 32, so 96 ITM pairs a step (
 fusion_layers = 2  # cross-attention layers of the fusion encoder (ALBEF: 6)
 mask_probability = 0.4  # MLM: chance that a word is chosen (BERT: 0.15; 0.4 suits 7-word captions)
 itm_temperature = 3.0  # hard negatives ~ softmax(ITC logits / T) (ALBEF: 1)
-rerank_k = 8  # ITM re-scores the ITC top-k captions (ALBEF: k_test 128 on Flickr30K, 256 on COCO)
+rerank_k = 8  # ITM re-scores the ITC top-k of our 200 captions, so k <= 200 (ALBEF: 128-256 of far larger galleries)
 cpu_threads = 1  # torch threads on a CPU: 1 keeps these tiny models steady on a shared machine (0: torch's default)
 
 # %%
@@ -71,6 +71,8 @@ utils.fraction(mask_probability=mask_probability)
 utils.non_negative_int(seed=seed, cpu_threads=cpu_threads)
 if num_train < 200:
     raise ValueError(f"num_train must be >= 200 (batches of 64 and probes), got {num_train}")
+if rerank_k > 200:  # the gallery: 20 seen shape-colour pairs x 2 sizes x 5 positions
+    raise ValueError(f"rerank_k must be <= 200, the number of distinct captions, got {rerank_k}")
 mmcourse.seed_everything(seed)
 device = mmcourse.get_device(device)
 if device.type == "cpu" and cpu_threads:

@@ -689,10 +689,11 @@ print(f"best tower run on test: {best_tower}, {table.loc[best_tower, 'test accur
 # than the probe: the probe, trained for many cheap steps on cached question vectors,
 # has the highest test accuracy, and all three tower runs end slightly below it (the
 # difference printed above). Early stopping acted on the probe, which stopped far short
-# of `probe_steps` (its `steps` and `best step`). In the tower runs the best validation
-# accuracy comes early (`best step`); a run whose `patience` ran out before
+# of `probe_steps` (its `steps` and `best step`). In the tower runs the `best step` column
+# shows where each run's validation accuracy peaked; a run whose `patience` ran out before
 # `finetune_steps` is marked `stopped early` and ended sooner. Either way the best-weight
-# restore picked the early weights that the table scores. Within this CPU budget (`tower_batch_size` scenes a step, `finetune_steps`
+# restore kept the weights of that best step, and those are what the table scores.
+# Within this CPU budget (`tower_batch_size` scenes a step, `finetune_steps`
 # steps) a tower run sees a few hundred examples, and moving millions of weights - or
 # LoRA's adapters - on so little data fits the training phrasings rather than the
 # held-out ones. What the tower runs certainly cost is time: compare the `s / step`

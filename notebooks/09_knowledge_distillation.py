@@ -206,8 +206,8 @@ print("PyTorch's own warning:", str(caught[0].message).split(".")[0] if caught e
 # these splits; chapter 00 explains the held-out pairs). The words are a closed, generated
 # vocabulary, and the data are procedurally generated from the seed. The task is text only
 # because distillation needs a large pretrained teacher and many inputs to ask it about;
-# chapter 08's model has a text side of only a handful of fixed questions, nothing worth
-# distilling.
+# chapter 08's questions come from a small closed grammar and are answered from cached
+# image features, so its model has no large text teacher worth compressing.
 #
 # The setting of distillation with a **transfer set** (迁移集): the teacher was
 # fine-tuned on `num_teacher_labels` labelled captions that the student may not use (think
@@ -572,9 +572,11 @@ methods = {
 }
 start = time.perf_counter()
 results, students = {}, {}
+trained = 0  # students actually trained (two sweep entries reuse runs above)
 for name, kwargs in methods.items():
     for s in range(seed, seed + num_seeds):
         results[(name, s)], students[(name, s)] = train_student(seed_=s, **kwargs)
+        trained += 1
 sweep_rows = []
 for T_ in sweep:
     for scaled in (True, False):
@@ -584,9 +586,10 @@ for T_ in sweep:
             acc = results.get(("sweep", 1.0, True))
         else:
             acc, _ = train_student(distill.DistillConfig(temperature=T_, t_squared=scaled), seed)
+            trained += 1
         results[("sweep", T_, scaled)] = acc
         sweep_rows.append({"T": T_, "T^2": "with" if scaled else "without", "accuracy": acc})
-print(f"{len(results)} students trained in {time.perf_counter() - start:.0f} s")
+print(f"{len(results)} results from {trained} students trained in {time.perf_counter() - start:.0f} s")
 
 # %%
 table = pd.DataFrame(
@@ -720,9 +723,11 @@ threads = torch.get_num_threads() if device.type == "cpu" else "n/a"
 print(f"device {device}, {threads} thread(s), {max_length} tokens per caption")
 print(latency.round({"test accuracy": 3, "ms, batch 1": 2, "ms, batch 32": 2}).to_string())
 speedup = timing[32]["teacher"] / timing[32]["student"]
-mmcourse.record("student_speedup_batch32", speedup, at_least=10.0)
-mmcourse.record("parameter_ratio", n_teacher / n_student, at_least=150.0)
-mmcourse.record("parameter_ratio_without_word_embeddings", n_teacher_body / n_student_body, at_least=80.0)
+# Floors that hold at the "full" student sizes too (128 wide, 4 blocks: ratios near 28 and 14);
+# the speed-up floor is for a CPU, where compute dominates (a GPU is bound by kernel launches).
+mmcourse.record("student_speedup_batch32", speedup, at_least=10.0 if device.type == "cpu" else None)
+mmcourse.record("parameter_ratio", n_teacher / n_student, at_least=10.0)
+mmcourse.record("parameter_ratio_without_word_embeddings", n_teacher_body / n_student_body, at_least=10.0)
 
 # %%
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
