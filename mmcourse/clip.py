@@ -208,6 +208,23 @@ class TinyClipConfig:
         )
 
 
+def _check_text(text: dict[str, Tensor] | Tensor, *, feature_dim: int | None) -> None:
+    """Captions must be (B, feature_dim) frozen features, or, when ``feature_dim`` is None,
+    the tokenizer's dict with ``input_ids`` (and ``attention_mask``)."""
+    if feature_dim is not None:
+        if not isinstance(text, Tensor) or text.dim() != 2 or text.shape[1] != feature_dim:
+            shape = tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__
+            raise ValueError(
+                f"expected precomputed text features of shape (B, {feature_dim}) "
+                f"(text_feature_dim={feature_dim}), got {shape}"
+            )
+    elif not isinstance(text, dict) or "input_ids" not in text:
+        raise ValueError(
+            "a text tower trained here takes the tokenizer's dict with input_ids and "
+            f"attention_mask, got {type(text).__name__}"
+        )
+
+
 class TinyClip(nn.Module):
     """Image tower + text tower, each with a bias-free linear projection to the shared space.
 
@@ -245,23 +262,10 @@ class TinyClip(nn.Module):
         Returns:
             (B, E): the mean of the caption's token vectors (padding excluded), projected.
         """
-        if self.text_encoder is None:
-            if not isinstance(text, Tensor) or text.dim() != 2:
-                raise ValueError(
-                    "text_tower='frozen' takes precomputed (B, F) text features, got "
-                    f"{tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__}"
-                )
-            if text.shape[1] != self.config.text_feature_dim:
-                raise ValueError(
-                    f"expected text features of width text_feature_dim="
-                    f"{self.config.text_feature_dim}, got {text.shape[1]}"
-                )
+        frozen = self.text_encoder is None
+        _check_text(text, feature_dim=self.config.text_feature_dim if frozen else None)
+        if frozen:
             return self.text_projection(text)
-        if not isinstance(text, dict) or "input_ids" not in text:
-            raise ValueError(
-                "the from-scratch text tower takes the tokenizer's dict with input_ids and "
-                f"attention_mask, got {type(text).__name__}"
-            )
         mask = text.get("attention_mask")
         out = self.text_encoder(text["input_ids"], mask)  # last_hidden_state (B, N, D_t)
         if mask is None:
@@ -568,19 +572,10 @@ class FeatureClip(nn.Module):
 
     def encode_text(self, text: dict[str, Tensor] | Tensor) -> Tensor:
         """The tokenizer's dict (bag of words) or (B, F_t) frozen features -> (B, E)."""
-        if self.word_embeddings is None:
-            if not isinstance(text, Tensor) or text.shape[1:] != (self.config.text_feature_dim,):
-                shape = tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__
-                raise ValueError(
-                    f"expected text features of shape (B, {self.config.text_feature_dim}), "
-                    f"got {shape}"
-                )
+        frozen = self.word_embeddings is None
+        _check_text(text, feature_dim=self.config.text_feature_dim if frozen else None)
+        if frozen:
             return self.text_head(text)
-        if not isinstance(text, dict) or "input_ids" not in text:
-            raise ValueError(
-                "the bag-of-words text head takes the tokenizer's dict with input_ids and "
-                f"attention_mask, got {type(text).__name__}"
-            )
         ids = text["input_ids"]  # (B, N)
         mask = text.get("attention_mask", torch.ones_like(ids))  # (B, N)
         bag = mean_pooling(self.word_embeddings(ids), mask)  # (B, H): mean word vector

@@ -247,16 +247,9 @@ def load_from_torch_layer(block: TransformerBlock, layer: nn.TransformerEncoderL
     ours_act = _activation_name(block.ffn.activation)
     if theirs_act != ours_act:
         raise ValueError(f"cannot copy: the torch layer uses {theirs_act}, the block {ours_act}")
-    if layer.self_attn.in_proj_weight is None:
-        raise ValueError("cannot copy: the torch layer's attention has separate q/k/v weights")
-    attn = block.self_attn
-    w_q, w_k, w_v = layer.self_attn.in_proj_weight.chunk(3)  # each (D, D)
-    b_q, b_k, b_v = layer.self_attn.in_proj_bias.chunk(3)  # each (D,)
-    for proj, w, b in ((attn.q_proj, w_q, b_q), (attn.k_proj, w_k, b_k), (attn.v_proj, w_v, b_v)):
-        proj.weight.copy_(w)
-        proj.bias.copy_(b)
+    # the attention's split of in_proj into W^Q, W^K, W^V is MultiHeadAttention.from_torch's
+    block.self_attn.load_state_dict(MultiHeadAttention.from_torch(layer.self_attn).state_dict())
     pairs = [
-        (attn.out_proj, layer.self_attn.out_proj),
         (block.ffn.linear1, layer.linear1),
         (block.ffn.linear2, layer.linear2),
         (block.norm1, layer.norm1),

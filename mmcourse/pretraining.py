@@ -974,6 +974,26 @@ def pretrain(
 
 
 @torch.no_grad()
+def _itm_logits(
+    model: ImageTextEncoder,
+    image_tokens: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    batch_size: int,
+) -> Tensor:
+    """The ITM logits of N (image, caption) pairs, in batches: (N, 2) float32 on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, input_ids.shape[0], batch_size):
+        ids, mask = _trim(input_ids[i : i + batch_size], attention_mask[i : i + batch_size])
+        logits = model.itm_logits(
+            image_tokens[i : i + batch_size].to(device), ids.to(device), mask.to(device)
+        )
+        out.append(logits.float().cpu())
+    return torch.cat(out)
+
+
 def match_probability(
     model: ImageTextEncoder,
     image_tokens: Tensor,
@@ -986,19 +1006,10 @@ def match_probability(
 
     Taught in notebooks/07_pretraining_objectives.
     """
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, input_ids.shape[0], batch_size):
-        ids, mask = _trim(input_ids[i : i + batch_size], attention_mask[i : i + batch_size])
-        logits = model.itm_logits(
-            image_tokens[i : i + batch_size].to(device), ids.to(device), mask.to(device)
-        )
-        out.append(logits.float().softmax(-1)[:, 1].cpu())
-    return torch.cat(out)
+    logits = _itm_logits(model, image_tokens, input_ids, attention_mask, batch_size)  # (N, 2)
+    return logits.softmax(-1)[:, 1]
 
 
-@torch.no_grad()
 def match_log_odds(
     model: ImageTextEncoder,
     image_tokens: Tensor,
@@ -1014,16 +1025,8 @@ def match_log_odds(
 
     Taught in notebooks/07_pretraining_objectives.
     """
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, input_ids.shape[0], batch_size):
-        ids, mask = _trim(input_ids[i : i + batch_size], attention_mask[i : i + batch_size])
-        logits = model.itm_logits(
-            image_tokens[i : i + batch_size].to(device), ids.to(device), mask.to(device)
-        ).float()
-        out.append((logits[:, 1] - logits[:, 0]).cpu())
-    return torch.cat(out)
+    logits = _itm_logits(model, image_tokens, input_ids, attention_mask, batch_size)  # (N, 2)
+    return logits[:, 1] - logits[:, 0]
 
 
 def rerank(itc_scores: Tensor, itm_scores: Tensor, *, k: int, itc_weight: float = 0.0) -> Tensor:
