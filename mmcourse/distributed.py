@@ -67,6 +67,7 @@ from mmcourse.clip import (
     adamw_warmup_cosine,
 )
 from mmcourse.contrastive import ClipLoss, SigLipLoss, gather_features, siglip_loss
+from mmcourse.train import to_device
 from mmcourse.utils import get_device, non_negative_int, one_of, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -294,12 +295,6 @@ def _rows(text: dict[str, Tensor] | Tensor, index: Tensor) -> dict[str, Tensor] 
     return {key: value[index] for key, value in text.items()}
 
 
-def _to(text: dict[str, Tensor] | Tensor, device: torch.device) -> dict[str, Tensor] | Tensor:
-    if isinstance(text, Tensor):
-        return text.to(device)
-    return {key: value.to(device) for key, value in text.items()}
-
-
 def train_clip_distributed(
     model: TinyClip,
     loss_fn: nn.Module,
@@ -377,7 +372,7 @@ def train_clip_distributed(
     batches = global_batch_indices(n, config.batch_size, config.steps, seed=config.seed)
     for step, global_index in enumerate(batches):
         local = split_global_batch(global_index, rank=rank, world_size=W)  # (B,)
-        loss = trainer(images[local].to(device), _to(_rows(text, local), device))
+        loss = trainer(images[local].to(device), to_device(_rows(text, local), device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP: the gradients are averaged over the W processes here
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
