@@ -906,13 +906,15 @@ def pretrain(
             order, cursor = torch.randperm(P, generator=generator), 0
         index = order[cursor : cursor + config.batch_size]
         cursor += config.batch_size
-        ids, mask = _trim(input_ids[index], attention_mask[index])
-        ids, mask = ids.to(device), mask.to(device)
+        cpu_ids, cpu_mask = _trim(
+            input_ids[index], attention_mask[index]
+        )  # masking draws on the CPU
+        ids, mask = cpu_ids.to(device), cpu_mask.to(device)
         images = None if image_tokens is None else image_tokens[index].to(device)
         losses = {}
         if "mlm" in config.objectives:
             masked, labels = mask_tokens(
-                ids.cpu(),
+                cpu_ids,
                 mask_token_id=mask_token_id,
                 vocab_size=model.config.vocab_size,
                 special_ids=special_ids,
@@ -924,7 +926,8 @@ def pretrain(
                 losses["mlm"] = mlm_loss(logits, labels.to(device))
         if "itm" in config.objectives:
             u, v, scale = similarity_embeds
-            sim = scale * u[index] @ v[index].T  # (B, B) ITC logits
+            queries = scale * u[index]  # (B, E), the batch's images, scaled
+            sim = queries @ v[index].T  # (B, B) ITC logits
             group = None if caption_ids is None else caption_ids[index]
             hard = config.negatives == "hard"
             t4i, i4t = sample_negatives(
@@ -935,7 +938,7 @@ def pretrain(
             if caption_bank is not None:  # the B (image, negative text) pairs: from the bank
                 bank_ids, bank_mask, bank_embeds = caption_bank
                 drawn = sample_bank_negatives(
-                    scale * u[index] @ bank_embeds.T,  # (B, C)
+                    queries @ bank_embeds.T,  # (B, C)
                     caption_ids[index],
                     hard=hard,
                     temperature=config.temperature,
