@@ -190,14 +190,14 @@ class GenerationOutput:
     sequences: Tensor  # (B * R, T_prompt + T_gen) int64: prompt (left padding kept), then output
     sequences_scores: Tensor  # (B * R,) beam: length-penalised score; else sum of log p
     lengths: Tensor  # (B * R,) generated tokens up to and including the stop token
-    scores: tuple[
-        Tensor, ...
-    ]  # per step: greedy/sample (B * R, V) processed logits; beam (B * K, V) log p
+    scores: tuple[Tensor, ...]  # per step; greedy/sample: (B * R, V) processed logits,
+    # beam search: (B * K, V) log-probabilities of the live beams (as transformers' scores)
+    prompt_length: int  # T_prompt, the (padded) prompt's length: sequences[:, :T_prompt]
 
     @property
     def generated(self) -> Tensor:
         """(B * R, T_gen) the generated part only (stop and pad tokens included)."""
-        return self.sequences[:, self.sequences.shape[1] - len(self.scores) :]
+        return self.sequences[:, self.prompt_length :]
 
 
 # --- state: expand and reorder along the batch --------------------------------------------
@@ -538,6 +538,7 @@ def _greedy_or_sample(
         sequences_scores=sum_log_probs,
         lengths=lengths,
         scores=tuple(scores),
+        prompt_length=input_ids.shape[1],
     )
 
 
@@ -713,6 +714,7 @@ def _beam_search(
         sequences_scores=finished_scores[:, :R].reshape(B * R),
         lengths=lengths,
         scores=tuple(scores),
+        prompt_length=T0,
     )
 
 

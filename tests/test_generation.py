@@ -128,6 +128,10 @@ def test_llama_greedy_and_beam_search_equal_generate(
         hf_step_fn(llama), ids, attention_mask=mask, config=GenerationConfig(**settings)
     )
     assert torch.equal(ours.sequences, theirs.sequences)
+    T0 = ids.shape[1]
+    assert torch.equal(ours.sequences[:, :T0], ids.repeat_interleave(num_beams, 0))
+    assert ours.generated.shape == (3 * num_beams, ours.sequences.shape[1] - T0)
+    assert ours.lengths.max() == ours.generated.shape[1] and ours.lengths.min() >= 1
     assert len(ours.scores) == len(theirs.scores)
     for mine, hf in zip(ours.scores, theirs.scores, strict=True):  # per step, beam rows in order
         torch.testing.assert_close(mine, hf, atol=1e-5, rtol=0)
@@ -591,3 +595,16 @@ def test_bad_step_functions_and_arguments_raise_clear_errors():
         generate(_fixed_logits_step_fn(torch.zeros(5)), ids, config={"num_beams": 2})
     with pytest.raises(ValueError, match="generator must be a torch.Generator"):
         generate(_fixed_logits_step_fn(torch.zeros(5)), ids, generator=0)
+
+
+def test_beam_output_is_cropped_to_the_longest_returned_hypothesis():
+    """The search runs two steps but the best hypothesis is one token: [EOS] at p = 0.87."""
+    logits = torch.tensor([0.0, 0.0, 0.0, 3.0])  # token 3 is EOS
+    prompt = torch.tensor([[0, 1]])
+    out = beam_search(
+        _fixed_logits_step_fn(logits), prompt, num_beams=2, max_new_tokens=5, eos_token_id=3
+    )
+    assert len(out.scores) == 2
+    assert out.sequences.tolist() == [[0, 1, 3]] and out.generated.tolist() == [[3]]
+    assert out.lengths.tolist() == [1] and out.prompt_length == 2
+    assert out.sequences_scores.item() == pytest.approx(logits.log_softmax(0)[3].item())
