@@ -58,6 +58,10 @@ What was matched (transformers/generation/utils.py, ``_sample`` and ``_beam_sear
   worst finished hypothesis; "never" estimates the best running score at
   ``max_new_tokens`` when ``length_penalty > 0``. The n-best list is sorted by score.
 
+One difference, on purpose: transformers' beam search pads finished hypotheses with
+``pad_token_id or eos_token_id[0]``, so a pad id of **0** (falsy) pads with the stop id
+instead; ours pads with the pad id that was asked for (greedy and sampling agree anyway).
+
 Axis letters: B batch (prompts), K beams, R returned sequences per prompt, T tokens, V
 vocabulary, C candidates per prompt in one beam step.
 
@@ -107,6 +111,7 @@ class GenerationConfig:
     num_return_sequences: int = 1  # R: the n-best list (<= num_beams) or samples per prompt
     eos_token_id: int | Sequence[int] | None = None  # stop token id(s); None never stops early
     pad_token_id: int | None = None  # fills finished rows; default the first stop id
+    output_scores: bool = False  # keep the per-step (rows, V) scores in the output (memory!)
 
     def __post_init__(self) -> None:
         positive_int(max_new_tokens=self.max_new_tokens)
@@ -157,6 +162,8 @@ class GenerationConfig:
             raise ValueError("eos_token_id must be an id or a non-empty list of ids, got []")
         if self.pad_token_id is not None:
             non_negative_int(pad_token_id=self.pad_token_id)
+        if not isinstance(self.output_scores, bool):
+            raise ValueError(f"output_scores must be True or False, got {self.output_scores!r}")
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -190,8 +197,9 @@ class GenerationOutput:
     sequences: Tensor  # (B * R, T_prompt + T_gen) int64: prompt (left padding kept), then output
     sequences_scores: Tensor  # (B * R,) beam: length-penalised score; else sum of log p
     lengths: Tensor  # (B * R,) generated tokens up to and including the stop token
-    scores: tuple[Tensor, ...]  # per step; greedy/sample: (B * R, V) processed logits,
-    # beam search: (B * K, V) log-probabilities of the live beams (as transformers' scores)
+    scores: tuple[Tensor, ...]  # per step, with output_scores (else empty); greedy/sample:
+    # (B * R, V) processed logits, beam search: (B * K, V) log-probabilities of the live beams
+    # (what transformers returns as ``scores``)
     prompt_length: int  # T_prompt, the (padded) prompt's length: sequences[:, :T_prompt]
 
     @property
@@ -516,7 +524,8 @@ def _greedy_or_sample(
     _check_vocab(input_ids, logits.shape[-1], config)
     for step in range(config.max_new_tokens):
         processed = process_logits(logits, config)  # (B, V)
-        scores.append(processed)
+        if config.output_scores:
+            scores.append(processed)
         if config.do_sample:
             probs = processed.softmax(dim=-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
@@ -659,7 +668,8 @@ def _beam_search(
     for step in range(config.max_new_tokens):
         cur_len = T0 + step
         log_probs = logits.log_softmax(dim=-1)  # (B * K, V)
-        scores.append(log_probs)
+        if config.output_scores:
+            scores.append(log_probs)
         # 2) the C best extensions of all beams
         cand = beam_step(log_probs, running_scores, num_candidates=C)  # (B, C)
         cand_seqs = torch.cat([_gather(running, cand.beam), cand.token[:, :, None]], dim=2)
