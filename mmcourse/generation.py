@@ -66,11 +66,13 @@ Axis letters: B batch (prompts), K beams, R returned sequences per prompt, T tok
 vocabulary, C candidates per prompt in one beam step.
 
 Taught in notebooks/10_captioning_and_vqa (decoding a captioner) and
-notebooks/11_* (an LLM, the KV cache).
+notebooks/11_multimodal_llm (an LLM, the KV cache).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -437,8 +439,8 @@ def _check_inputs(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     B, T = input_ids.shape
     if B == 0 or T == 0:
         raise ValueError(
-            f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; every prompt needs at "
-            "least one token (e.g. a BOS token)"
+            f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; expected at least one "
+            "prompt of at least one token (e.g. a BOS token)"
         )
     if (input_ids < 0).any():
         raise ValueError("input_ids must be >= 0 (token ids)")
@@ -532,7 +534,7 @@ def _greedy_or_sample(
         else:
             token = processed.argmax(dim=-1)  # (B,)
         log_p = logits.log_softmax(dim=-1).gather(1, token[:, None]).squeeze(1)
-        sum_log_probs += log_p * unfinished
+        sum_log_probs += torch.where(unfinished, log_p, 0.0)  # finished rows add nothing
         lengths += unfinished.long()
         if eos.numel():
             token = torch.where(unfinished, token, torch.full_like(token, fill))
@@ -827,10 +829,8 @@ def hf_step_fn(model: Any) -> StepFn:
     Returns:
         ``step_fn(input_ids, state, attention_mask) -> (logits (B, 1, V), cache)``.
 
-    Taught in notebooks/11_*.
+    Taught in notebooks/11_multimodal_llm.
     """
-    import inspect
-
     keeps_last = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def step_fn(input_ids: Tensor, state: Any, attention_mask: Tensor) -> tuple[Tensor, Any]:
@@ -882,7 +882,7 @@ def recompute_step_fn(step_fn: StepFn) -> StepFn:
     Returns:
         A step function with the same contract.
 
-    Taught in notebooks/11_* (the KV cache).
+    Taught in notebooks/11_multimodal_llm (the KV cache).
     """
 
     def recompute(input_ids: Tensor, state: Any, attention_mask: Tensor) -> tuple[Tensor, Any]:
@@ -892,8 +892,7 @@ def recompute_step_fn(step_fn: StepFn) -> StepFn:
         else:  # the first call: state is the caller's initial state
             prefix, initial = input_ids, state
         # a fresh copy of the initial state: step_fn may change a cache object in place
-        fresh = expand_state(_clone_state(initial), 1)
-        logits, _ = step_fn(prefix, fresh, attention_mask)
+        logits, _ = step_fn(prefix, _clone_state(initial), attention_mask)
         T_new = input_ids.shape[1]
         return logits[:, -min(T_new, logits.shape[1]) :], _RecomputeState(prefix, initial)
 
@@ -908,6 +907,4 @@ def _clone_state(state: Any) -> Any:
         return {key: _clone_state(value) for key, value in state.items()}
     if isinstance(state, (tuple, list)) and not hasattr(state, "_fields"):
         return type(state)(_clone_state(value) for value in state)
-    import copy
-
     return copy.deepcopy(state)
