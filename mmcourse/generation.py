@@ -58,9 +58,13 @@ What was matched (transformers/generation/utils.py, ``_sample`` and ``_beam_sear
   worst finished hypothesis; "never" estimates the best running score at
   ``max_new_tokens`` when ``length_penalty > 0``. The n-best list is sorted by score.
 
-One difference, on purpose: transformers' beam search pads finished hypotheses with
+Differences, on purpose: (1) transformers' beam search pads finished hypotheses with
 ``pad_token_id or eos_token_id[0]``, so a pad id of **0** (falsy) pads with the stop id
 instead; ours pads with the pad id that was asked for (greedy and sampling agree anyway).
+(2) Greedy decoding and sampling also return ``sequences_scores`` (the total
+log-probability of each output) and every method returns ``lengths``; ``generate`` returns
+neither there. (3) Prompts must be int64 and left-padded (transformers only warns about
+right padding, which then decodes after the padding).
 
 Axis letters: B batch (prompts), K beams, R returned sequences per prompt, T tokens, V
 vocabulary, C candidates per prompt in one beam step.
