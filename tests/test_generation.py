@@ -626,3 +626,29 @@ def test_pad_id_0_pads_beams_with_0_where_transformers_pads_with_eos(llama):
     assert torch.all(ours.generated[after] == 0) and torch.all(theirs[:, T0:][after] == EOS)
     assert torch.equal(ours.sequences[:, :T0], theirs[:, :T0])
     assert torch.equal(ours.generated[~after], theirs[:, T0:][~after])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_decoding_on_the_gpu_equals_generate(llama, num_beams):
+    import copy
+
+    from mmcourse.utils import get_device
+
+    device = get_device("auto")
+    model = copy.deepcopy(llama).to(device)  # the module's CPU model stays where it is
+    ids, mask = (t.to(device) for t in _prompts(seed=15))
+    settings = dict(
+        max_new_tokens=8, num_beams=num_beams, num_return_sequences=num_beams,
+        eos_token_id=EOS, pad_token_id=PAD,
+    )  # fmt: skip
+    theirs = _hf_generate(model, ids, mask, do_sample=False, **settings)
+    ours = generate(
+        hf_step_fn(model), ids, attention_mask=mask, config=GenerationConfig(**settings)
+    )
+    assert ours.sequences.device.type == device.type
+    assert torch.equal(ours.sequences, theirs.sequences)
+    if num_beams > 1:
+        torch.testing.assert_close(
+            ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=0
+        )
