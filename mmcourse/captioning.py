@@ -691,8 +691,8 @@ def sequence_batches(
         idx = order[start : start + batch_size]
         batch = {key: inputs[idx]}
         width = int(encoded["attention_mask"][idx].sum(-1).max())
-        for key, value in encoded.items():
-            batch[key] = value[idx][:, :width] if value.dim() == 2 else value[idx]
+        for name, value in encoded.items():
+            batch[name] = value[idx][:, :width] if value.dim() == 2 else value[idx]
         batches.append(batch)
     return batches
 

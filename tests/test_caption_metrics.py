@@ -37,7 +37,9 @@ def test_corpus_bleu_is_sacrebleu_with_ragged_references(corpus):
     streams = [[r[j] if j < len(r) else None for r in ragged] for j in range(4)]
     theirs = sacrebleu.corpus_bleu(hyps, streams, tokenize="none")
     assert math.isclose(ours.score, theirs.score) and ours.counts == theirs.counts
-    assert cm.corpus_bleu(["A red, big disk."], [["a red , big disk ."]]).score == pytest.approx(100)
+    assert cm.corpus_bleu(["A red, big disk."], [["a red , big disk ."]]).score == pytest.approx(
+        100
+    )
 
 
 @pytest.mark.parametrize("sigma", [6.0, 3.0, 20.0])
@@ -78,8 +80,14 @@ def test_cider_d_rewards_consensus_and_punishes_length():
                 {"colour": "yellow", "shape": "triangle"},
             ],
         ),
-        ("a picture of a plum plus near the bottom", [{"colour": "purple", "shape": "cross", "position": "bottom"}]),
-        ("a huge violet block in the middle", [{"size": "large", "colour": "purple", "shape": "square", "position": "center"}]),
+        (
+            "a picture of a plum plus near the bottom",
+            [{"colour": "purple", "shape": "cross", "position": "bottom"}],
+        ),
+        (
+            "a huge violet block in the middle",
+            [{"size": "large", "colour": "purple", "shape": "square", "position": "center"}],
+        ),
         ("a red and a blue", []),  # no shape named: no object
     ],
 )
@@ -105,7 +113,9 @@ def test_attribute_accuracy_hand_cases():
 
 
 def test_vqa_accuracy_per_type():
-    acc = cm.vqa_accuracy(["red", "Yes ", "two"], ["red", "yes", "three"], ["colour", "exists", "count"])
+    acc = cm.vqa_accuracy(
+        ["red", "Yes ", "two"], ["red", "yes", "three"], ["colour", "exists", "count"]
+    )
     assert acc == {"overall": pytest.approx(2 / 3), "colour": 1.0, "exists": 1.0, "count": 0.0}
 
 

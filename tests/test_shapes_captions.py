@@ -41,7 +41,9 @@ def test_references_describe_the_scene(data):
             truth = sorted((o["shape"], o["colour"]) for o in objects)
             assert sorted((p["shape"], p["colour"]) for p in parsed) == truth
             for p in parsed:  # size and position, where stated, are the object's own
-                o = next(o for o in objects if (o["shape"], o["colour"]) == (p["shape"], p["colour"]))
+                o = next(
+                    o for o in objects if (o["shape"], o["colour"]) == (p["shape"], p["colour"])
+                )
                 assert all(p[a] == o[a] for a in ("size", "position") if a in p)
 
 
