@@ -124,10 +124,13 @@ def test_llama_greedy_and_beam_search_equal_generate(
     if num_beams == 1:  # transformers warns about beam-only flags with greedy decoding
         settings.update(length_penalty=1.0, early_stopping=False)
     theirs = _hf_generate(llama, ids, mask, do_sample=False, **settings)
-    ours = generate(
-        hf_step_fn(llama), ids, attention_mask=mask, config=GenerationConfig(**settings)
-    )
+    config = GenerationConfig(output_scores=True, **settings)
+    ours = generate(hf_step_fn(llama), ids, attention_mask=mask, config=config)
     assert torch.equal(ours.sequences, theirs.sequences)
+    T0 = ids.shape[1]
+    assert torch.equal(ours.sequences[:, :T0], ids.repeat_interleave(num_beams, 0))
+    assert ours.generated.shape == (3 * num_beams, ours.sequences.shape[1] - T0)
+    assert ours.lengths.max() == ours.generated.shape[1] and ours.lengths.min() >= 1
     assert len(ours.scores) == len(theirs.scores)
     for mine, hf in zip(ours.scores, theirs.scores, strict=True):  # per step, beam rows in order
         torch.testing.assert_close(mine, hf, atol=1e-5, rtol=0)
@@ -591,3 +594,61 @@ def test_bad_step_functions_and_arguments_raise_clear_errors():
         generate(_fixed_logits_step_fn(torch.zeros(5)), ids, config={"num_beams": 2})
     with pytest.raises(ValueError, match="generator must be a torch.Generator"):
         generate(_fixed_logits_step_fn(torch.zeros(5)), ids, generator=0)
+
+
+def test_beam_output_is_cropped_to_the_longest_returned_hypothesis():
+    """The search runs two steps but the best hypothesis is one token: [EOS] at p = 0.87."""
+    logits = torch.tensor([0.0, 0.0, 0.0, 3.0])  # token 3 is EOS
+    prompt = torch.tensor([[0, 1]])
+    out = beam_search(
+        _fixed_logits_step_fn(logits), prompt, num_beams=2, max_new_tokens=5, eos_token_id=3
+    )
+    assert out.scores == ()  # output_scores is off by default
+    out = generate(
+        _fixed_logits_step_fn(logits), prompt,
+        config=GenerationConfig(num_beams=2, max_new_tokens=5, eos_token_id=3, output_scores=True),
+    )  # fmt: skip
+    assert len(out.scores) == 2  # two steps ran
+    assert out.sequences.tolist() == [[0, 1, 3]] and out.generated.tolist() == [[3]]
+    assert out.lengths.tolist() == [1] and out.prompt_length == 2
+    assert out.sequences_scores.item() == pytest.approx(logits.log_softmax(0)[3].item())
+
+
+def test_pad_id_0_pads_beams_with_0_where_transformers_pads_with_eos(llama):
+    """transformers' beam search fills with ``pad_token_id or eos`` (0 is falsy); ours with 0."""
+    ids, mask = _prompts(seed=14)
+    settings = dict(max_new_tokens=10, num_beams=3, num_return_sequences=3, eos_token_id=EOS)
+    theirs = _hf_generate(llama, ids, mask, do_sample=False, pad_token_id=0, **settings).sequences
+    ours = beam_search(hf_step_fn(llama), ids, attention_mask=mask, pad_token_id=0, **settings)
+    after = torch.arange(ours.generated.shape[1])[None, :] >= ours.lengths[:, None]  # padding
+    assert after.any(), "no hypothesis stopped early: the test is vacuous"
+    T0 = ids.shape[1]
+    assert torch.all(ours.generated[after] == 0) and torch.all(theirs[:, T0:][after] == EOS)
+    assert torch.equal(ours.sequences[:, :T0], theirs[:, :T0])
+    assert torch.equal(ours.generated[~after], theirs[:, T0:][~after])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_decoding_on_the_gpu_equals_generate(llama, num_beams):
+    import copy
+
+    from mmcourse.utils import get_device
+
+    device = get_device("auto")
+    model = copy.deepcopy(llama).to(device)  # the module's CPU model stays where it is
+    ids, mask = (t.to(device) for t in _prompts(seed=15))
+    settings = dict(
+        max_new_tokens=8, num_beams=num_beams, num_return_sequences=num_beams,
+        eos_token_id=EOS, pad_token_id=PAD,
+    )  # fmt: skip
+    theirs = _hf_generate(model, ids, mask, do_sample=False, **settings)
+    ours = generate(
+        hf_step_fn(model), ids, attention_mask=mask, config=GenerationConfig(**settings)
+    )
+    assert ours.sequences.device.type == device.type
+    assert torch.equal(ours.sequences, theirs.sequences)
+    if num_beams > 1:
+        torch.testing.assert_close(
+            ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=0
+        )
