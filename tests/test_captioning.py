@@ -206,6 +206,7 @@ def test_caption_loss_equals_a_loop_in_value_and_gradient():
     torch.testing.assert_close(g_loop[0, 2], p - F.one_hot(ids[0, 3], 7).float())
 
 
+@pytest.mark.slow
 def test_one_batch_overfit_captioner(tiny):
     data, tok, cfg = tiny
     torch.manual_seed(0)
@@ -316,7 +317,33 @@ def test_sequence_batches_with_memory(tiny):
     data, tok, cfg = tiny
     enc = encode_sequences(tok, data["caption"])
     memory = torch.randn(8, 16, cfg.dim)
-    batches = sequence_batches(memory, enc, batch_size=4, generator=torch.Generator().manual_seed(0), key="memory")
-    assert len(batches) == 2 and set(batches[0]) == {"memory", "input_ids", "attention_mask", "loss_mask"}
+    batches = sequence_batches(
+        memory, enc, batch_size=4, generator=torch.Generator().manual_seed(0), key="memory"
+    )
+    assert len(batches) == 2 and set(batches[0]) == {
+        "memory",
+        "input_ids",
+        "attention_mask",
+        "loss_mask",
+    }
     assert batches[0]["memory"].shape == (4, 16, cfg.dim)
     assert sequence_loss(Captioner(cfg), batches[0]).dim() == 0
+
+
+@pytest.mark.gpu
+def test_decoding_on_the_device_equals_the_cpu(tiny):
+    from mmcourse.utils import get_device
+
+    data, tok, cfg = tiny
+    device = get_device("auto")
+    model = Captioner(cfg).eval()
+    config = GenerationConfig(max_new_tokens=8, num_beams=3)
+    cpu_texts, cpu_out = generate_text(model, tok, images=data["images"][:4], config=config)
+    model.to(device)
+    dev_texts, dev_out = generate_text(
+        model, tok, images=data["images"][:4].to(device), config=config
+    )
+    assert dev_texts == cpu_texts
+    torch.testing.assert_close(
+        dev_out.sequences_scores.cpu(), cpu_out.sequences_scores, atol=1e-4, rtol=1e-4
+    )
