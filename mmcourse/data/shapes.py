@@ -541,3 +541,139 @@ def shapes_tensors(
         "num_objects": torch.from_numpy(data["num_objects"]),
         **{key: data[key] for key in ("objects", *TEXT_FIELDS)},
     }
+
+
+# --- several references and several questions per scene (chapter 10) ----------------------
+
+QUESTION_TYPES = ("colour", "shape", "count", "exists", "where")  # the VQA question types
+WHERE_TEMPLATE = "where is the {colour} {shape}?"  # answered by one of POSITIONS
+ANSWERS = (*COLOURS, *SHAPES, *NUMBER_WORDS[1:], "yes", "no", *POSITIONS)  # every answer
+REFERENCE_STREAM = 10  # third seed word of the reference/question stream (see captioning_data)
+
+
+def caption_references(
+    objects: list[dict[str, Any]], rng: np.random.Generator, k: int = 5
+) -> list[str]:
+    """``k`` reference captions of one scene, each from the templates and synonyms.
+
+    The captions are drawn like the ``caption`` field of :func:`generate_shapes`; a draw that
+    repeats an earlier reference is drawn again (up to 20 tries), so the references differ
+    whenever the templates allow it.
+
+    Args:
+        objects: the scene's objects (dicts with ``shape``, ``colour``, ``size``, ``position``).
+        rng: the numpy Generator to draw from.
+        k: the number of references, > 0.
+
+    Returns:
+        ``k`` strings, e.g. ``["a red circle", "there is a big crimson disk to the left", ...]``.
+
+    Taught in notebooks/10_captioning_and_vqa.
+    """
+    positive_int(k=k)
+    if not objects:
+        raise ValueError("objects must hold at least one object, got an empty list")
+    for obj in objects:
+        _check_object(obj)
+    references: list[str] = []
+    for _ in range(k):
+        caption = _sample_caption(rng, objects)
+        for _retry in range(20):
+            if caption not in references:
+                break
+            caption = _sample_caption(rng, objects)
+        references.append(caption)
+    return references
+
+
+def vqa_pairs(
+    objects: list[dict[str, Any]], rng: np.random.Generator, *, split: str = "train"
+) -> list[dict[str, str]]:
+    """One question of every type that has an unambiguous answer in this scene.
+
+    * ``colour``: "what colour is the {shape}?" (a shape that occurs once) -> a colour;
+    * ``shape``: "what shape is the {colour} object?" (a colour that occurs once) -> a shape;
+    * ``count``: "how many objects are there?" -> "one" | "two" | "three";
+    * ``exists``: "is there a {colour} {shape}?" -> "yes" | "no", each with probability 1/2;
+      outside ``heldout`` an absent pair is never a held-out one (as in :func:`generate_shapes`);
+    * ``where``: "where is the {colour} {shape}?" -> one of :data:`POSITIONS`.
+
+    Args:
+        objects: the scene's objects.
+        rng: the numpy Generator to draw from.
+        split: the scene's split (one of :data:`SPLITS`).
+
+    Returns:
+        A list of dicts with ``question``, ``answer`` and ``type`` (one of
+        :data:`QUESTION_TYPES`), in the order of :data:`QUESTION_TYPES`; ``count``,
+        ``exists`` and ``where`` are always present.
+
+    Taught in notebooks/10_captioning_and_vqa.
+    """
+    one_of("split", split, SPLITS)
+    if not objects:
+        raise ValueError("objects must hold at least one object, got an empty list")
+    for obj in objects:
+        _check_object(obj)
+    shapes = [o["shape"] for o in objects]
+    colours = [o["colour"] for o in objects]
+    pairs: list[dict[str, str]] = []
+    unique_shapes = [o for o in objects if shapes.count(o["shape"]) == 1]
+    if unique_shapes:
+        o = _pick(rng, unique_shapes)
+        question = QUESTION_TEMPLATES["colour"].format(shape=o["shape"])
+        pairs.append({"question": question, "answer": o["colour"], "type": "colour"})
+    unique_colours = [o for o in objects if colours.count(o["colour"]) == 1]
+    if unique_colours:
+        o = _pick(rng, unique_colours)
+        question = QUESTION_TEMPLATES["shape"].format(colour=o["colour"])
+        pairs.append({"question": question, "answer": o["shape"], "type": "shape"})
+    count = NUMBER_WORDS[len(objects)]
+    pairs.append({"question": QUESTION_TEMPLATES["count"], "answer": count, "type": "count"})
+    present = [(o["shape"], o["colour"]) for o in objects]
+    if rng.random() < 0.5:
+        (shape, colour), answer = _pick(rng, present), "yes"
+    else:
+        candidates = ALL_PAIRS if split == "heldout" else TRAIN_PAIRS
+        (shape, colour), answer = _pick(rng, [p for p in candidates if p not in present]), "no"
+    question = QUESTION_TEMPLATES["exists"].format(colour=colour, shape=shape)
+    pairs.append({"question": question, "answer": answer, "type": "exists"})
+    o = _pick(rng, objects)  # (shape, colour) pairs are distinct within a scene
+    question = WHERE_TEMPLATE.format(colour=o["colour"], shape=o["shape"])
+    pairs.append({"question": question, "answer": o["position"], "type": "where"})
+    return pairs
+
+
+def captioning_data(
+    num_samples: int,
+    *,
+    split: str = "train",
+    config: ShapesConfig | None = None,
+    num_references: int = 5,
+) -> dict[str, Any]:
+    """:func:`shapes_tensors` plus several reference captions and questions per scene.
+
+    The scenes, images and single captions are exactly those of :func:`shapes_tensors`
+    (same stream); the references and questions come from a separate stream derived from
+    ``(seed, split, REFERENCE_STREAM)``, so adding them changes nothing else.
+
+    Args:
+        num_samples: N, the number of scenes, > 0.
+        split: one of :data:`SPLITS`.
+        config: drawing parameters; ``ShapesConfig()`` if None.
+        num_references: K, reference captions per scene, > 0.
+
+    Returns:
+        The dict of :func:`shapes_tensors` (``images`` (N, 3, H, W) float32 in [0, 1],
+        ``objects``, ...) with ``references``, N lists of K strings, and ``qa``, N lists of
+        :func:`vqa_pairs` dicts.
+
+    Taught in notebooks/10_captioning_and_vqa.
+    """
+    positive_int(num_references=num_references)
+    config = ShapesConfig() if config is None else config
+    data = shapes_tensors(num_samples, split=split, config=config)
+    rng = np.random.default_rng([config.seed, SPLITS.index(split), REFERENCE_STREAM])
+    data["references"] = [caption_references(o, rng, num_references) for o in data["objects"]]
+    data["qa"] = [vqa_pairs(o, rng, split=split) for o in data["objects"]]
+    return data
