@@ -340,7 +340,9 @@ def precision_at_k(y_true: ArrayLike, scores: ArrayLike, k: int) -> float:
     return float(y[top].mean())
 
 
-def threshold_at_detection_rate(y_true: ArrayLike, scores: ArrayLike, detection_rate: float) -> float:
+def threshold_at_detection_rate(
+    y_true: ArrayLike, scores: ArrayLike, detection_rate: float
+) -> float:
     """The highest threshold t with P(score >= t | anomaly) >= ``detection_rate``.
 
     Taught in notebooks/14_case_studies.
@@ -664,7 +666,9 @@ def trailing_mean(x: ArrayLike, window: int) -> np.ndarray:
 # --- 4. retrieval --------------------------------------------------------------------------
 
 
-def _similarity_relevant(similarity: ArrayLike, relevant: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def _similarity_relevant(
+    similarity: ArrayLike, relevant: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(similarity, dtype=float)
     rel = np.asarray(relevant).astype(bool)
     if s.ndim != 2 or rel.shape != s.shape:
