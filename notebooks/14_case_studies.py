@@ -91,8 +91,8 @@ started, cpu_started = time.perf_counter(), time.process_time()
 # wants a second opinion that flags likely malignancy, and a clinic that must decide at what
 # score a patient is called back for biopsy.
 #
-# **Data (real).** scikit-learn's `load_breast_cancer`: 569 real cases (212 malignant,
-# 357 benign) from the University of Wisconsin. Ten properties of the cell nuclei (radius,
+# **Data (real).** scikit-learn's `load_breast_cancer`: 569 real cases (counts printed
+# below) from the University of Wisconsin. Ten properties of the cell nuclei (radius,
 # texture, area, concavity, ...) were measured in a digitised image of each aspirate and
 # summarised three ways: their **mean**, their **standard error** and the **worst** value.
 # We treat the three summaries as three *views* of the image, the closest thing to
@@ -115,11 +115,12 @@ started, cpu_started = time.perf_counter(), time.process_time()
 #   probability at least $1-\alpha$, guaranteed.
 
 # %%
+# NBVAL_CHECK_OUTPUT
 data = cases.breast_cancer_views()
 X_med, y_med, views = data["X"], data["y"], data["views"]
-print(f"{len(y_med)} cases, {y_med.sum()} malignant; views: "
+print(f"{len(y_med)} cases, {y_med.sum()} malignant, {len(y_med) - y_med.sum()} benign; views: "
       + ", ".join(f"{v} ({len(c)} measurements)" for v, c in views.items()))
-print("first measurements of each view:", [data["feature_names"][c[0]] for c in views.values()])
+print("first measurement of each view:", ", ".join(data["feature_names"][c[0]] for c in views.values()))
 
 # %% [markdown]
 # The AUROC in `cases.auroc` is the Mann–Whitney form above, computed from ranks; check it
@@ -318,6 +319,15 @@ print("cases per bin, logistic regression:", counts.tolist())
 # %%
 probs_two = np.stack([1 - p_lr, p_lr], 1)  # (N, 2): P(benign), P(malignant)
 rng = np.random.default_rng(seed)
+# the three steps by hand on one split, then the package's version: the same sets
+order = rng.permutation(len(y_med))
+cal, test = order[: len(order) // 2], order[len(order) // 2:]
+s_cal = 1 - probs_two[cal, y_med[cal]]  # 1) nonconformity scores of the calibration cases
+n_cal = len(cal)
+q_hat = np.sort(s_cal)[math.ceil((n_cal + 1) * (1 - 0.05)) - 1]  # 2) the ceil((n+1)(1-alpha))-th smallest
+by_hand = (1 - probs_two[test]) <= q_hat  # 3) every diagnosis within the threshold
+assert np.array_equal(by_hand, cases.conformal_sets(probs_two[cal], y_med[cal], probs_two[test], alpha=0.05))
+print(f"alpha = 0.05, n = {n_cal}: q_hat = {q_hat:.4f}; by hand == cases.conformal_sets")
 conformal_rows = []
 for alpha in (0.01, 0.02, 0.05, 0.1):
     coverage, both, empty = [], [], []
@@ -686,7 +696,7 @@ display(Markdown(cases.model_card(
              "precision@20": security_mean.loc[agreement, "precision@20"],
              "false alarms per hour at 90% detection": f"{security_mean.loc[agreement, 'false alarms / hour @ 90% detection']:.1f}"},
     limits=["event types are digits; real incidents are far more varied",
-            "anomalies are 10% of the stream here, far more than in reality, which flatters precision@k",
+            f"anomalies are {is_anomaly.mean():.0%} of the stream here, far more than in reality, which flatters precision@k",
             "unseen types that both modalities map to one known type are missed"],
     risks=["alarm fatigue at tens of false alarms per hour", "bias against voices or cameras unlike the training data",
            "surveillance misuse"],
@@ -735,6 +745,7 @@ def minilm_features(texts):
 probe_texts = [t for tone in (1, -1, 0) for t in cases.SENTIMENT_EXAMPLES[tone]]
 probe_tones = [tone for tone in (1, -1, 0) for _ in cases.SENTIMENT_EXAMPLES[tone]]
 probe = LogisticRegression(C=10, max_iter=2000).fit(minilm_features(probe_texts).numpy(), probe_tones)
+print(f"sentiment probe fitted on {len(probe_texts)} hand-written sentences, e.g. {probe_texts[0]!r}")
 all_headlines = {t.format(c=c): tone for tone, ts in cases.HEADLINES.items() for t in ts for c in cases.COMPANIES}
 headline_list = sorted(all_headlines)
 probs_h = probe.predict_proba(minilm_features(headline_list).numpy())  # classes -1, 0, 1
@@ -746,6 +757,7 @@ print(by_tone.round(3).to_string())
 # %%
 market_config = cases.MarketConfig(num_days=market_days)
 market = cases.generate_market(market_config, seed=seed)
+print(market_config)
 price = np.cumprod(1 + market["returns"])
 fig, ax = plt.subplots(figsize=(11, 3.2))
 ax.plot(price, color="black", lw=0.8)
@@ -1162,7 +1174,7 @@ plt.show()
 # to `max_index_size` vectors. **Beyond the 500 rendered images the vectors are synthetic**:
 # copies of the real LiT image embeddings plus Gaussian noise, re-normalised (the clustered
 # structure of a real gallery, not real images). Recall@10 is measured against the exact
-# top 10 of `IndexFlatIP`, for 200 real LiT text queries.
+# top 10 of `IndexFlatIP`, for the real LiT text queries of the search table above.
 
 # %%
 import faiss
@@ -1170,7 +1182,7 @@ import faiss
 faiss.omp_set_num_threads(1)  # one thread: comparable latencies on a shared machine
 rng_index = np.random.default_rng(seed)
 base = lit_images.numpy().astype("float32")
-query_vectors = np.ascontiguousarray(encode_texts(lit, minilm_features(queries)).numpy()[:200].astype("float32"))
+query_vectors = np.ascontiguousarray(encode_texts(lit, minilm_features(queries)).numpy().astype("float32"))
 sizes = [s for s in (1_000, 10_000, 100_000, 1_000_000) if s <= max_index_size]
 
 
