@@ -352,9 +352,9 @@ mmcourse.record("medical_conformal_coverage_shortfall", float(shortfall), at_lea
 # splits); single splits scatter around it: the guarantee is on average over calibration
 # sets. The price of a stricter promise is paid in "refer to a human" sets holding both
 # diagnoses, which appear as $\alpha$ shrinks. At a loose $\alpha$ the opposite
-# happens: the threshold drops below the likelier class's score for the hardest cases and
-# the set is empty, the method's way of saying "this case is unlike the calibration cases";
-# in practice that is also a referral.
+# happens: the bar $1 - \hat q$ that a diagnosis's probability must reach rises above the
+# likelier class's probability for the most uncertain cases, and their set is empty; in
+# practice that is also a referral.
 #
 # > **Common pitfall: tuning the threshold on the test set.** "Sensitivity 0.9 at
 # > specificity 0.95" is only true if the threshold was fixed *before* looking at the test
