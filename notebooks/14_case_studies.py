@@ -936,7 +936,7 @@ print(f"{len(weights)} rules on a market without signal: best in-sample Sharpe {
       f"in sample, {sharpe_out[top10].mean():.2f} out of sample")
 print(f"rough expected maximum of {len(weights)} independent null Sharpe ratios over {years:.1f} years: "
       f"sqrt(2 ln N) / sqrt(years) = {expected_max:.2f}")
-mmcourse.record("finance_best_of_many_in_sample_sharpe", float(sharpe_in[best]), at_least=1.0)
+mmcourse.record("finance_best_of_many_in_sample_sharpe", float(sharpe_in[best]), at_least=expected_max / 2)
 mmcourse.record("finance_best_10_out_of_sample_sharpe", float(sharpe_out[top10].mean()),
                 at_most=float(sharpe_in[top10].mean()) / 2)
 
@@ -1240,7 +1240,8 @@ largest = index_table[index_table["N"] == sizes[-1]].set_index("index")
 speedup = largest.loc["exact (flat)", "ms / query"] / largest.loc["HNSW, efSearch 64", "ms / query"]
 print(f"N = {sizes[-1]}: HNSW (efSearch 64) recall@10 {largest.loc['HNSW, efSearch 64', 'recall@10']:.3f}, "
       f"{speedup:.1f}x faster than exact search")
-mmcourse.record("search_hnsw_recall_at_10_largest", largest.loc["HNSW, efSearch 64", "recall@10"], at_least=0.8)
+mmcourse.record("search_hnsw_recall_at_10_largest", largest.loc["HNSW, efSearch 64", "recall@10"],
+                at_least=max(0.5, largest.loc["HNSW, efSearch 16", "recall@10"]))  # the knob buys recall
 
 # %% [markdown]
 # Exact search grows linearly with N; the graph and the inverted file grow far more slowly
