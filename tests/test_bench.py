@@ -35,3 +35,22 @@ def test_clip_benchmark_rejects_bad_sizes(capsys):
 def test_the_loss_timing_checks_both_losses_agree():
     rows = bench.clip_loss_timings([3], embed_dim=4, repeats=1, device="cpu", min_block_s=1e-4)
     assert rows[0].batch == 3 and rows[0].ratio > 0
+
+
+DEPLOY = ["deploy", "--threads", "1", "--widths", "8", "--repeats", "1", "--no-compile"]
+DEPLOY += ["--llm-layers", "1", "--llm-hidden", "36", "--new-tokens", "3", "--requests", "4"]
+DEPLOY += ["--concurrency", "2"]
+
+
+def test_deploy_benchmark_prints_its_ratios(capsys):
+    assert bench.main(DEPLOY) == 0
+    out = capsys.readouterr().out
+    assert "float32 / int8" in out and "torch.compile: skipped" in out
+    for name in ("kv_cache_speedup", "dynamic_batching_throughput_ratio"):
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert float(line.split()[1]) > 0
+
+
+def test_deploy_benchmark_rejects_bad_sizes(capsys):
+    assert bench.main([*DEPLOY, "--llm-hidden", "10"]) == 2
+    assert "multiple of SmolLM2's 9 heads" in capsys.readouterr().err
