@@ -419,7 +419,8 @@ def measure_compile(
     with torch.inference_mode():
         expected = fn(example)
         synchronize(device)
-        with patch:
+        with patch, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
             start = time.perf_counter()
             got = compiled(example)
             synchronize(device)

@@ -180,6 +180,7 @@ class DynamicBatcher:
         self.window_s = window_s
         self.enabled = enabled
         self.batch_sizes: list[int] = []  # the size of every batch run so far
+        self.busy_s = 0.0  # seconds spent inside fn so far (the model's share of the work)
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -188,7 +189,7 @@ class DynamicBatcher:
         """The result of ``fn`` for ``item``, computed alone or in a batch."""
         if not self.enabled:
             self.batch_sizes.append(1)
-            return (await asyncio.to_thread(self.fn, [item]))[0]
+            return (await asyncio.to_thread(self._timed, [item]))[0]
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._loop is not loop:
             self._loop, self._queue = loop, asyncio.Queue()
@@ -214,7 +215,7 @@ class DynamicBatcher:
             items = [item for item, _ in batch]
             self.batch_sizes.append(len(items))
             try:
-                results = await asyncio.to_thread(self.fn, items)
+                results = await asyncio.to_thread(self._timed, items)
             except Exception as err:  # every caller of the batch gets the error
                 for _, future in batch:
                     if not future.done():
@@ -223,6 +224,13 @@ class DynamicBatcher:
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+    def _timed(self, items: list[Any]) -> list[Any]:
+        start = time.perf_counter()
+        try:
+            return self.fn(items)
+        finally:
+            self.busy_s += time.perf_counter() - start
 
     async def aclose(self) -> None:
         """Stop the worker (the app's shutdown calls this)."""

@@ -185,6 +185,7 @@ def test_dynamic_batcher_groups_and_propagates_errors():
         await batcher.aclose()
         alone = serve.DynamicBatcher(double, enabled=False)
         single = await asyncio.gather(*(alone.submit(i) for i in range(3)))
+        assert batcher.busy_s > 0 and alone.busy_s > 0  # time inside fn is counted
         return out, batcher.batch_sizes, single, alone.batch_sizes
 
     out, sizes, single, single_sizes = asyncio.run(main())
