@@ -107,6 +107,7 @@ def test_compile_result_break_even():
     assert slower.break_even_calls == math.inf
 
 
+@pytest.mark.slow
 def test_measure_compile_with_a_quick_backend():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval()
     result = deploy.measure_compile(model, torch.randn(4, 8), backend="eager", repeats=3)
@@ -136,6 +137,7 @@ TINY_LLAMA = {
 }
 
 
+@pytest.mark.slow
 def test_greedy_decode_equals_generate_with_and_without_cache():
     model = deploy.random_llama(num_layers=2, seed=0, **TINY_LLAMA)
     prompt = torch.tensor([[1, 5, 9, 13, 2]])

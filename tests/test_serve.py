@@ -131,6 +131,7 @@ def test_scores_equal_the_model_directly(bundle_dir):
     )
 
 
+@pytest.mark.slow
 def test_real_socket_batching_same_answers_and_bad_requests(bundle_dir):
     payloads = [{"image": _image(i), "labels": LABELS} for i in range(12)]
     results = {}
