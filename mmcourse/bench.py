@@ -15,6 +15,10 @@ function that adds its options to an ``argparse`` parser, and a function that ru
                                       [--prompt-length 16] [--batch 1] [--repeats 3]
                                       [--no-recompute] [--hidden 64] [--layers 4] [--heads 4]
                                       [--vocab-size 1024] [--seed 0]
+    python -m mmcourse.bench deploy [--threads 2] [--widths 64 256 1024] [--repeats 15]
+                                    [--compile-batch 32] [--no-compile] [--llm-layers 4]
+                                    [--llm-hidden 576] [--new-tokens 48] [--requests 96]
+                                    [--concurrency 16] [--window-ms 5]
 
 ``clip`` has two parts. (1) ``mmcourse.contrastive.clip_loss`` against ``transformers``'
 ``image_text_contrastive_loss`` on the same (G, E) embeddings, forward + backward, each
@@ -44,9 +48,17 @@ GPU); the candidates of one row are timed **in turn**, block after block, so tha
 slowdown of the machine hits all of them alike, and each reports the **median** block.
 Only the ratios are meant to be compared; on a shared CPU the times wander.
 
-Taught in notebooks/02_attention (the cost of attention) and notebooks/15_scaling_out (the
-CLIP loss and training throughput); used again in chapter 13; ``generate`` in
-notebooks/10_captioning_and_vqa and chapter 11 (the KV cache).
+``deploy`` prints the speed ratios of chapter 13 on this machine, on the CPU: int8 dynamic
+quantisation against float32 over the FFN width; ``torch.compile`` (inductor, cold caches) of
+a tiny CLIP's image tower, its speed-up after warm-up and break-even calls; greedy decoding
+with the KV cache against without, on a randomly initialised Llama of SmolLM2's layer sizes
+(``--llm-layers``; speed does not depend on the weights); and a served tiny CLIP (random
+weights, 127.0.0.1 only, always stopped) under a bounded ``httpx`` load with dynamic batching
+against one request per forward.
+
+Taught in notebooks/02_attention (the cost of attention), notebooks/15_scaling_out (the
+CLIP loss and training throughput), notebooks/10_captioning_and_vqa and chapter 11
+(``generate``, the KV cache) and notebooks/13_efficient_inference_and_deployment (deploy).
 """
 
 from __future__ import annotations
@@ -846,6 +858,144 @@ def _generate_main(args: argparse.Namespace) -> None:
         )
 
 
+# --- the deployment benchmark (chapter 13) ------------------------------------------------
+
+
+def deploy_speed_ratios(
+    *,
+    threads: int = 2,
+    widths: Sequence[int] = (64, 256, 1024),
+    repeats: int = 15,
+    compile_batch: int = 32,
+    run_compile: bool = True,
+    llm_layers: int = 4,
+    llm_hidden: int = 576,
+    new_tokens: int = 48,
+    num_requests: int = 96,
+    concurrency: int = 16,
+    batch_window_ms: float = 5.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The speed ratios of chapter 13 on this CPU (see the module docstring).
+
+    Returns:
+        ``{"int8_speedup": [(width, rows, ratio), ...], "compile": CompileResult | None,
+        "kv_cache_speedup", "dynamic_batching_throughput_ratio"}``.
+    """
+    import tempfile
+
+    from mmcourse import deploy, serve
+    from mmcourse.clip import TinyClip, TinyClipConfig, WordTokenizer
+
+    positive_int(threads=threads, repeats=repeats, compile_batch=compile_batch)
+    positive_int(new_tokens=new_tokens, num_requests=num_requests, concurrency=concurrency)
+    if llm_hidden % 9:
+        raise ValueError(f"llm_hidden={llm_hidden} must be a multiple of SmolLM2's 9 heads")
+    out: dict[str, Any] = {}
+    with deploy.fixed_threads(threads):
+        rows = deploy.int8_width_sweep(widths, batch_sizes=(1, 64), repeats=repeats, seed=seed)
+        out["int8_speedup"] = [(r["width"], r["batch_size"], r["speedup"]) for r in rows]
+        torch.manual_seed(seed)
+        tokenizer = WordTokenizer.from_texts(["a small red circle on the left", "a big square"])
+        clip = TinyClip(TinyClipConfig(vocab_size=len(tokenizer))).eval()
+        images = torch.rand(max(compile_batch, num_requests), 3, 32, 32)
+        out["compile"] = (
+            deploy.measure_compile(clip.encode_image, images[:compile_batch], repeats=repeats)
+            if run_compile
+            else None
+        )
+        lm = deploy.random_llama(num_layers=llm_layers, seed=seed, hidden_size=llm_hidden)
+        prompt = torch.randint(3, 1000, (1, 20), generator=torch.Generator().manual_seed(seed))
+        times = {
+            use_cache: sum(
+                deploy.greedy_decode(
+                    lm, prompt, max_new_tokens=new_tokens, use_cache=use_cache
+                ).step_s
+            )
+            for use_cache in (True, False)
+        }
+        out["kv_cache_speedup"] = times[False] / times[True]
+        labels = ["red circle", "big square", "blue star"]
+        payloads = [{"image": images[i].tolist(), "labels": labels} for i in range(num_requests)]
+        throughput = {}
+        with tempfile.TemporaryDirectory() as folder:
+            serve.save_clip_bundle(folder, clip, tokenizer)
+            for batching in (False, True):
+                config = serve.ServeConfig(
+                    dynamic_batching=batching, batch_window_ms=batch_window_ms
+                )
+                with serve.serving(serve.create_app(folder, config)) as url:
+                    serve.run_load(url, payloads[:concurrency], concurrency=concurrency)
+                    load = serve.run_load(url, payloads, concurrency=concurrency)
+                if load.errors:
+                    raise RuntimeError(f"{load.errors} of the benchmark's requests failed")
+                throughput[batching] = load.throughput
+        out["dynamic_batching_throughput_ratio"] = throughput[True] / throughput[False]
+    return out
+
+
+def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
+    parser.add_argument(
+        "--widths", type=int, nargs="+", default=[64, 256, 1024], help="FFN widths for int8"
+    )
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per candidate")
+    parser.add_argument("--compile-batch", type=int, default=32, help="images per compiled call")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip torch.compile (a cold compile: ~20 s)"
+    )
+    parser.add_argument("--llm-layers", type=int, default=4, help="layers of the random Llama")
+    parser.add_argument(
+        "--llm-hidden", type=int, default=576, help="its width (SmolLM2: 576; 9 heads)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=48, help="tokens to generate")
+    parser.add_argument("--requests", type=int, default=96, help="requests of each load")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument("--window-ms", type=float, default=5.0, help="dynamic batching window (ms)")
+
+
+def _deploy_main(args: argparse.Namespace) -> None:
+    result = deploy_speed_ratios(
+        threads=args.threads,
+        widths=args.widths,
+        repeats=args.repeats,
+        compile_batch=args.compile_batch,
+        run_compile=not args.no_compile,
+        llm_layers=args.llm_layers,
+        llm_hidden=args.llm_hidden,
+        new_tokens=args.new_tokens,
+        num_requests=args.requests,
+        concurrency=args.concurrency,
+        batch_window_ms=args.window_ms,
+    )
+    print(
+        f"chapter 13 speed ratios on the CPU, {args.threads} threads, p50 of {args.repeats} "
+        "calls; > 1 means the technique is faster (random weights: speed does not need training)"
+    )
+    header = f"{'FFN width':>10} {'rows':>5} {'float32 / int8':>15}"
+    print(header + "\n" + "-" * len(header))
+    for width, rows, ratio in result["int8_speedup"]:
+        print(f"{width:>10} {rows:>5} {ratio:>15.2f}")
+    compiled = result["compile"]
+    if compiled is None:
+        print("torch.compile: skipped (--no-compile)")
+    else:
+        print(
+            f"compile_speedup_after_warmup: {compiled.speedup:.2f} (compile {compiled.compile_s:.1f} "
+            f"s, eager {compiled.eager_ms:.2f} ms, compiled {compiled.compiled_ms:.2f} ms per call "
+            f"of {args.compile_batch} images)"
+        )
+        print(f"compile_break_even_calls: {compiled.break_even_calls}")
+    print(
+        f"kv_cache_speedup: {result['kv_cache_speedup']:.2f} ({args.new_tokens} tokens, random "
+        f"Llama, {args.llm_layers} layers of width {args.llm_hidden})"
+    )
+    print(
+        f"dynamic_batching_throughput_ratio: {result['dynamic_batching_throughput_ratio']:.2f} "
+        f"({args.requests} requests, {args.concurrency} in flight, {args.window_ms:g} ms window)"
+    )
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """One sub-command of ``python -m mmcourse.bench``."""
@@ -870,6 +1020,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         help="our cached greedy decoding against transformers' generate, and without the cache",
         add_arguments=_generate_arguments,
         main=_generate_main,
+    ),
+    "deploy": Benchmark(
+        help="chapter 13's speed ratios: int8, torch.compile, KV cache, dynamic batching",
+        add_arguments=_deploy_arguments,
+        main=_deploy_main,
     ),
 }
 

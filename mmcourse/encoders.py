@@ -626,6 +626,20 @@ class TextEncoder(nn.Module):
         self.pooler = nn.Linear(c.dim, c.dim) if c.add_pooling_layer else None
         self.apply(_init_weights)
 
+    def _check_token_values(self, input_ids: Tensor, token_type_ids: Tensor | None) -> None:
+        c = self.config
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= c.vocab_size):
+            raise ValueError(
+                f"token ids must be in [0, vocab_size={c.vocab_size}), got ids from "
+                f"{int(input_ids.min())} to {int(input_ids.max())}"
+            )
+        if token_type_ids is not None and token_type_ids.numel():
+            if token_type_ids.min() < 0 or token_type_ids.max() >= c.type_vocab_size:
+                raise ValueError(
+                    f"token_type_ids must be in [0, type_vocab_size={c.type_vocab_size}), got "
+                    f"{int(token_type_ids.min())} to {int(token_type_ids.max())}"
+                )
+
     def _check_inputs(
         self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None
     ) -> None:
@@ -640,17 +654,9 @@ class TextEncoder(nn.Module):
                 f"sequence of {input_ids.shape[1]} tokens is longer than max_position_embeddings="
                 f"{c.max_position_embeddings}; truncate it (tokenizer(..., truncation=True))"
             )
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= c.vocab_size):
-            raise ValueError(
-                f"token ids must be in [0, vocab_size={c.vocab_size}), got ids from "
-                f"{int(input_ids.min())} to {int(input_ids.max())}"
-            )
-        if token_type_ids is not None and token_type_ids.numel():
-            if token_type_ids.min() < 0 or token_type_ids.max() >= c.type_vocab_size:
-                raise ValueError(
-                    f"token_type_ids must be in [0, type_vocab_size={c.type_vocab_size}), got "
-                    f"{int(token_type_ids.min())} to {int(token_type_ids.max())}"
-                )
+        # the value checks read the data, which an exported graph (torch.export, ONNX) cannot
+        if not torch.compiler.is_exporting():
+            self._check_token_values(input_ids, token_type_ids)
         for name, other in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if other is not None and other.shape != input_ids.shape:
                 raise ValueError(

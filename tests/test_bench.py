@@ -59,3 +59,22 @@ def test_generate_benchmark_rejects_bad_sizes(capsys):
     assert "heads=3 must divide hidden=8" in capsys.readouterr().err
     assert bench.main([*GENERATE, "--new-tokens", "0"]) == 2
     assert "new_tokens must be a positive integer" in capsys.readouterr().err
+
+
+DEPLOY = ["deploy", "--threads", "1", "--widths", "8", "--repeats", "1", "--no-compile"]
+DEPLOY += ["--llm-layers", "1", "--llm-hidden", "36", "--new-tokens", "3", "--requests", "4"]
+DEPLOY += ["--concurrency", "2"]
+
+
+def test_deploy_benchmark_prints_its_ratios(capsys):
+    assert bench.main(DEPLOY) == 0
+    out = capsys.readouterr().out
+    assert "float32 / int8" in out and "torch.compile: skipped" in out
+    for name in ("kv_cache_speedup", "dynamic_batching_throughput_ratio"):
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert float(line.split()[1]) > 0
+
+
+def test_deploy_benchmark_rejects_bad_sizes(capsys):
+    assert bench.main([*DEPLOY, "--llm-hidden", "10"]) == 2
+    assert "multiple of SmolLM2's 9 heads" in capsys.readouterr().err
