@@ -163,22 +163,22 @@ def _toctree(caption: str, entries: list[str]) -> str:
 def _launch_cell(name: str, config: SiteConfig) -> dict:
     """A Markdown cell for the top of a chapter page: how to open it in JupyterLab/Colab."""
     path = f"notebooks/{name}"
-    lines = [
-        f"> **Run this chapter:** in JupyterLab, from the repository root, `jupyter lab {path}`"
-    ]
+    ways = [f"in JupyterLab: `jupyter lab {path}` from the repository root"]
     if config.repo_url:
         slug = config.repo_url.removeprefix("https://github.com/")
         colab = f"https://colab.research.google.com/github/{slug}/blob/{config.branch}/{path}"
-        lines.append(
-            f"> · [open in Colab]({colab}) · [view on GitHub]({config.repo_url}/blob/"
-            f"{config.branch}/{path})"
-        )
-    lines.append("> · or download it with the ⬇ button above. The page shows its stored outputs.")
+        ways.append(f"[in Colab]({colab})")
+        ways.append(f"[on GitHub]({config.repo_url}/blob/{config.branch}/{path})")
+    ways.append("or download it with the ⬇ button above")
+    text = (
+        f"> **Run this chapter** {' · '.join(ways)}. This page shows the outputs stored in "
+        "the notebook; the explorers' controls come alive when you run it."
+    )
     return {
         "cell_type": "markdown",
         "id": "mmcourse-launch",
         "metadata": {},
-        "source": " ".join(lines),
+        "source": text,
     }
 
 
