@@ -343,6 +343,8 @@ def _loaded_image_widths(page) -> list[int]:
 
 
 def test_site_landing_page_and_a_chapter(page, site_url, artifacts):
+    elsewhere = []  # every request the pages make outside the site (a CDN, fonts, ...)
+    page.on("request", lambda r: None if r.url.startswith(site_url) else elsewhere.append(r.url))
     page.goto(f"{site_url}/index.html", timeout=60 * MS)
     links = page.locator('article a[href^="notebooks/"]')
     assert links.count() >= 10
@@ -365,3 +367,4 @@ def test_site_landing_page_and_a_chapter(page, site_url, artifacts):
     assert len(widths) >= 3 and all(w > 0 for w in widths), widths
     page.locator('article mjx-container[display="true"]').first.scroll_into_view_if_needed()
     page.screenshot(path=str(artifacts / "site_02_attention.png"))
+    assert not [u for u in elsewhere if not u.startswith(("data:", "blob:"))], elsewhere

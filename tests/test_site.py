@@ -6,14 +6,10 @@ import socket
 from pathlib import Path
 
 import pytest
+from pytest_socket import SocketBlockedError, disable_socket, enable_socket
 
-pytest.importorskip("myst_nb")
-pytest.importorskip("sphinx_book_theme")
-
-from pytest_socket import SocketBlockedError, disable_socket, enable_socket  # noqa: E402
-
-from mmcourse import cli  # noqa: E402
-from mmcourse.site import MARKER, SiteError, build_site, check_output, landing_page  # noqa: E402
+from mmcourse import cli
+from mmcourse.site import MARKER, SiteError, build_site, check_output, landing_page
 
 REPO = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted(p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
