@@ -148,9 +148,9 @@ def landing_page(readme: str) -> str:
     """
     if "| notebooks/" not in readme and "](notebooks/" not in readme:
         raise SiteError("README.md has no chapter table linking to notebooks/; cannot build")
-    cut = re.search(r"^## (?!Chapters\b)", readme[readme.find("## Chapters") :], re.M)
     start = readme.find("## Chapters")
-    text = readme if cut is None or start < 0 else readme[: start + cut.start()]
+    cut = re.search(r"^## (?!Chapters\b)", readme[start:], re.M) if start >= 0 else None
+    text = readme if cut is None else readme[: start + cut.start()]
     text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.S)
     return text.rstrip() + "\n"
 
@@ -253,9 +253,7 @@ def stage_sources(stage: Path, config: SiteConfig) -> list[str]:
         _page_notebook(root / "notebooks" / name, stage / "notebooks" / name, config)
     shutil.copy2(root / "notebooks" / "GLOSSARY.md", stage / "notebooks" / "GLOSSARY.md")
     for doc in ("SOURCES.md", "DESIGN.md"):
-        text = (root / "docs" / doc).read_text(encoding="utf-8")
-        # Links from docs/ up into the repository only work where the file is in the site.
-        (stage / "docs" / doc).write_text(text, encoding="utf-8")
+        shutil.copy2(root / "docs" / doc, stage / "docs" / doc)
     index = landing_page(readme.read_text(encoding="utf-8"))
     index += _toctree("Chapters", [f"notebooks/{Path(n).stem}" for n in chapters])
     index += _toctree("Reference", ["notebooks/GLOSSARY", "docs/SOURCES", "docs/DESIGN"])
