@@ -15,8 +15,22 @@ import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip `gpu` tests without a GPU and `espeak` tests without espeak-ng."""
+    """Skip `gpu` tests without a GPU, `espeak` tests without espeak-ng and `browser`
+    tests without a Chromium binary ($MMCOURSE_CHROMIUM or chromium on PATH)."""
     import shutil
+
+    chromium = os.environ.get("MMCOURSE_CHROMIUM") or next(
+        (
+            found
+            for found in map(
+                shutil.which,
+                ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"),
+            )
+            if found
+        ),
+        None,
+    )
+    has_chromium = chromium is not None and os.path.isfile(chromium)
 
     has_gpu = torch.cuda.is_available() or (
         getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -26,6 +40,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA or MPS device"))
         if item.get_closest_marker("espeak") and shutil.which("espeak-ng") is None:
             item.add_marker(pytest.mark.skip(reason="needs espeak-ng (apt-get install espeak-ng)"))
+        if item.get_closest_marker("browser") and not has_chromium:
+            item.add_marker(pytest.mark.skip(reason="needs Chromium (apt-get install chromium)"))
 
 
 @pytest.fixture(scope="module")

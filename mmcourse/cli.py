@@ -1,9 +1,10 @@
-"""The ``mmcourse`` command: list, run, refresh and check the course.
+"""The ``mmcourse`` command: list, run, refresh and check the course, build its site.
 
 mmcourse list                          chapters, their parameters and defaults
 mmcourse run 01 [02 ...|--all] [-p name value]... [--output DIR]
 mmcourse refresh [01 ...|--all] [--from py|ipynb]   re-execute notebooks in place
 mmcourse doctor                        versions, device, model and data hashes, espeak-ng
+mmcourse site [--output DIR]           the course as a static HTML book (stored outputs)
 
 ``mmcourse run`` never loses earlier work in its output folder: each chapter's results are
 merged into the existing ``results.json`` (atomically), an executed notebook replaces the
@@ -166,6 +167,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_site(args: argparse.Namespace) -> int:
+    from mmcourse import site
+
+    try:
+        folder = site.build_site(args.output, repo_url=args.repo_url, branch=args.branch)
+    except site.SiteError as err:
+        print(f"mmcourse site: error: {err}", file=sys.stderr)
+        return 2
+    print(f"site written to {folder}; open {folder / 'index.html'} in a browser")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcourse", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     refresh.set_defaults(func=cmd_refresh)
     sub.add_parser("doctor", help="check the environment").set_defaults(func=cmd_doctor)
+    site = sub.add_parser("site", help="build the course as a static HTML book (no execution)")
+    site.add_argument(
+        "--output",
+        "-o",
+        default="mmcourse-site",
+        help="folder for the site: new, empty, or an earlier `mmcourse site` build",
+    )
+    site.add_argument(
+        "--repo-url",
+        default=None,
+        help="https://github.com/OWNER/NAME for the Colab links (default: $GITHUB_REPOSITORY "
+        "or the origin remote)",
+    )
+    site.add_argument("--branch", default="main", help="the branch the Colab links open")
+    site.set_defaults(func=cmd_site)
     return parser
 
 
