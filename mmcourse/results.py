@@ -39,13 +39,14 @@ MIME_TYPE = "application/vnd.mmcourse.result+json"
 _RECORDED: dict[str, Any] = {}
 
 # a result whose name holds one of these words measures time (see the module docstring)
-TIMING_WORDS = ("seconds", "speedup", "per_second")
+TIMING_WORDS = ("seconds", "speedup", "per_second", "throughput", "latency", "break_even")
 _TIMING_NAME = re.compile(r"(?:^|_)(?:" + "|".join(TIMING_WORDS) + r")(?:_|$)")
 
 
 def is_timing(name: str) -> bool:
     """True if a result name says that it measures time (``*_seconds``, ``*_speedup*``,
-    ``*_per_second*``): such a result is not expected to repeat exactly.
+    ``*_per_second*``, ``*_throughput*``, ``*_latency*``, ``*_break_even*``): such a result
+    is not expected to repeat exactly.
 
     Taught in notebooks/00_setup_and_tour.
     """

@@ -692,6 +692,7 @@ def test_timing_results_are_named_as_timings():
 
     assert is_timing("fused_speedup_at_max_length") and is_timing("images_per_second_torchrun")
     assert is_timing("epoch_seconds") and is_timing("student_speedup_batch32")
+    assert is_timing("dynamic_batching_throughput_ratio") and is_timing("compile_break_even_calls")
     assert not is_timing("second_modality_accuracy") and not is_timing("region_accuracy")
     nb = {"cells": [{"cell_type": "code", "outputs": [
         {"output_type": "display_data", "data": {"application/vnd.mmcourse.result+json": v}}
