@@ -870,8 +870,8 @@ class AudioTokens(nn.Module):
     Log-mel in dB (:func:`mmcourse.audio.log_mel_spectrogram`, differentiable), one token
     per frame, standardised with training statistics: the whole front end is inside the
     model, so an attack perturbs samples. The defaults are a cheaper front end than
-    chapter 05's (one 32 ms frame every 40 ms with 20 mel bands instead of 40 bands every
-    10 ms pooled 2 x 4): the same (26, 20) token grid at a sixth of the cost of a
+    chapter 05's (one 64 ms frame every 40 ms with 20 mel bands instead of 40 bands every
+    10 ms pooled 2 x 4): the same (26, 20) token grid at about 40 % of the cost of a
     forward and backward pass, which adversarial training pays many times per step.
 
     Args:
@@ -889,7 +889,7 @@ class AudioTokens(nn.Module):
         train_waveforms: Tensor,
         *,
         sample_rate: int = 8000,
-        n_fft: int = 256,
+        n_fft: int = 512,
         hop_length: int = 320,
         n_mels: int = 20,
         eps: float = 1e-6,
