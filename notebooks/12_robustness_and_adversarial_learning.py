@@ -55,7 +55,7 @@ modality_dropout = 0.5  # p of chapter 05's modality dropout, for the corruption
 co_eps = 0.3  # budget of the catastrophic-overfitting experiment (clean digits, image tower)
 co_lr = 3e-2  # its learning rate: a large one, which brings the collapse on sooner
 co_dim = 128  # its image tower's width D (the collapse needs some capacity)
-co_steps = 300  # its training steps (full: 2000)
+co_steps = 240  # its training steps (full: 2000)
 clip_train = 2000  # Shapes scenes to train the small CLIP on (full: 20000)
 clip_steps = 150  # its training steps (full: 1000)
 cpu_threads = 1  # torch threads on a CPU: 1 keeps these tiny models steady on a shared machine (0: torch's default)
@@ -374,7 +374,8 @@ mmcourse.record("single_modality_attack_accuracy", float(single_table.loc["image
 
 # %% [markdown]
 # With only the image under attack, the fused model ends far below the audio-only model,
-# although its audio input is untouched. Late fusion adds the two modalities' logits, and
+# although its audio input is untouched; with only the audio attacked, it ends below the
+# image-only model. Every seed agrees. Late fusion adds the two modalities' logits, and
 # the attacker can make the image's logits as large and as wrong as the budget allows: the
 # clean audio has no veto. So fusion does not, by itself, make a model robust to an
 # attacker; it gives the attacker a second door. It does help against *random* failures
@@ -444,21 +445,21 @@ mmcourse.record("clean_accuracy_fused_adv_trained", float(at_summary.loc["fast A
 # (鲁棒性与准确率的权衡). The model can no longer rely on the fragile directions an attacker exploits, and
 # on noisy 8 × 8 digits some of those directions were useful.
 #
-# ### Catastrophic overfitting: FGSM training that collapses
+# ### Catastrophic overfitting: FGSM training that fools itself
 #
-# Fast AT works because of its random start. Without it - FGSM from the clean input,
-# the "natural" cheap choice - training can suddenly stop producing robustness: the
-# accuracy under PGD **collapses** to near zero within a few dozen steps while the accuracy
-# under FGSM *rises*, often above the clean accuracy. This is **catastrophic overfitting**
+# Fast AT works because of its random start. Without it - FGSM from the clean input, the
+# "natural" cheap choice - training can stop producing robustness: on CIFAR-10-sized
+# networks the accuracy under PGD suddenly **collapses** to near zero within a few dozen
+# steps while the accuracy under FGSM *rises*. This is **catastrophic overfitting**
 # (灾难性过拟合; Wong et al. 2020, Andriushchenko & Flammarion 2020): the model bends its
-# loss surface so that the one linear step FGSM takes leads nowhere, and stays as fragile
-# as ever a little further away.
+# loss surface so that the one linear step FGSM takes from the clean point leads nowhere,
+# and stays fragile a little further away.
 #
-# To see it cheaply we use the image tower alone (chapter 05's image-only model, width
+# To look for it cheaply we use the image tower alone (chapter 05's image-only model, width
 # `co_dim`) on the clean digits, a large budget (`co_eps`) and a large learning rate, and
-# track validation accuracy under FGSM and PGD during training (the evaluation inside `fit`
-# runs under `no_grad`, so it re-enables gradients for the attack), for FGSM with and
-# without random start, over `num_seeds` seeds.
+# track validation accuracy under FGSM and under PGD-5 during training (the evaluation
+# inside `fit` runs under `no_grad`, so it re-enables gradients for the attacks), for FGSM
+# with and without random start, over `num_seeds` seeds.
 
 # %%
 clean_config = avdigits.AVDigitsConfig(seed=seed)
@@ -534,10 +535,25 @@ print(f"FGSM from zero ends with PGD accuracy {final['fgsm'].mean():.3f}, fast A
 print(f"at the end, FGSM overstates the robust accuracy of the FGSM-from-zero models by {gaps.mean():.3f}; "
       f"their PGD accuracy fell {drops.mean():.3f} from its peak during training")
 mmcourse.record("fgsm_no_random_start_catastrophic_drop", float(gap_to_fast_at.mean()), at_least=0.1)
-mmcourse.record("fgsm_no_random_start_fgsm_minus_pgd", float(gaps.mean()), at_least=0.2)
+mmcourse.record("fgsm_no_random_start_fgsm_minus_pgd", float(gaps.mean()))
 mmcourse.record("fgsm_no_random_start_peak_to_final_pgd_drop", float(drops.mean()))
 
 # %% [markdown]
+# What happens here is the end state of catastrophic overfitting rather than its famous
+# sudden fall: FGSM-from-zero training makes the model far more robust to FGSM than to
+# PGD, whose accuracy stays low, and it ends well below fast AT under PGD, seed after seed
+# (the gap to fast AT is the recorded result; FGSM overstates fast AT's robustness too,
+# by less). A mid-training collapse from a
+# high PGD accuracy did not occur in these runs - printed above as the fall from the peak.
+# In a search outside this notebook (budgets 0.1 to 0.4, learning rates 0.005 to 0.05,
+# widths 32 to 256, up to 600 steps, one to three seeds; not reproduced here) FGSM from
+# zero never showed the rise-then-collapse curve in this small image tower; the FGSM-PGD
+# gap appeared from budgets of about 0.25 up, at smaller budgets both variants trained
+# robust models, and the one rise-and-fall we saw was *with* a random start, at budget 0.3
+# after 600 steps (Wong et al. also report that a random start only delays the collapse at
+# large budgets). So read this section as: the symptom and its test are robust over seeds
+# here, the sudden collapse is not reproduced at default size.
+#
 # > **Common pitfall: gradient masking.** A defence can look robust because the attack's
 # > gradient has stopped being informative, not because the model is robust. The
 # > FGSM-trained model above is a textbook case: judged by FGSM, or by a weak PGD, it
@@ -582,6 +598,11 @@ train_mode_rows = {
                                                             train_mode=True),
 }
 print(pd.Series(train_mode_rows, name=f"late fusion with modality dropout p={modality_dropout}").round(3).to_string())
+
+# %% [markdown]
+# In train mode the clean accuracy drops, because modality dropout removes modalities at
+# random, and the attack, aimed at a different random model at every step, finds less:
+# the robust accuracy is overstated. Evaluate, and attack, in eval mode.
 
 # %% [markdown]
 # ## 5. An explorer: how much does it take?
@@ -714,10 +735,14 @@ print(f"(unimodal models, clean: image-only {clean['image_only'].mean():.3f}, au
 # %% [markdown]
 # Against random corruption, fusion does what 002 promised: a corrupted modality costs
 # the fused model some accuracy, the other modality carries the rest, and the curves fall
-# far less steeply than the attack curves of section 3. Modality dropout helps exactly
-# where chapter 05 found it does - when a modality is *missing* - and much less when one
-# is present but degraded. Compare the two effective-robustness columns: it is measured
-# against the model trained on both modalities (0 by definition for that model itself).
+# far less steeply than the attack curves of section 3 (the relative robustness is the
+# area under a curve over a unit-wide range of levels, so a model that never lost accuracy
+# would score its clean accuracy). Modality dropout helps most where chapter 05 found it
+# does, when a modality is *missing* - above all the audio, where the model trained on
+# both collapses and varies wildly between seeds. Against corruptions its effective
+# robustness (measured against the model trained on both, 0 by definition for that model
+# itself, summed over the six levels) is small, and negative for extra audio noise: a
+# modality that is present but wrong is not what it was trained for.
 #
 # ## 7. A vision-language model: attacking CLIP's zero-shot classifier
 #
@@ -790,9 +815,10 @@ print("  ".join(f"eps={e}/255: {a:.3f}" for e, a in zip(clip_eps, clip_curve, st
 # * "Fusion is more robust" holds for random corruption, not for an attacker: attacking one
 #   modality of the fused model drove it below the unimodal model of the untouched one.
 # * Adversarial training (PGD-AT, or fast AT with its random start) buys robust accuracy
-#   with clean accuracy. FGSM without random start overfits catastrophically at large
-#   budgets, and the resulting model masks gradients: always evaluate with strong, multi-step,
-#   restarted attacks, in eval mode.
+#   with clean accuracy. FGSM without random start, at a large budget, trained models that
+#   resist FGSM but not PGD - catastrophic overfitting's end state (its sudden mid-training
+#   collapse was not reproduced at this size) - and such a model masks gradients: always
+#   evaluate with strong, multi-step, restarted attacks, in eval mode.
 #
 # ## Exercises
 #
