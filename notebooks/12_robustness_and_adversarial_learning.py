@@ -626,13 +626,14 @@ def explore(eps, modality, axes):
         probs = fused(adv).softmax(-1)[0]
     delta = adv["image"][0, 0] - x["image"][0, 0]
     axes[0].imshow(adv["image"][0, 0], cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    axes[0].set_title(f"image, eps={eps:.2f}")
+    axes[0].set_title(f"image, eps={eps:.2f}" if "image" in budget and eps > 0 else "image (clean)")
     axes[1].imshow(delta / (eps if eps > 0 else 1), cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
     axes[1].set_title("image change / eps")
-    wave_delta = (adv["audio"][0] - x["audio"][0]).numpy()
-    axes[2].plot(x["audio"][0].numpy(), color="0.7", lw=0.5, label="recording")
-    axes[2].plot(wave_delta / max(eps * ratio, 1e-12) * 0.5, color="#C44E52", lw=0.5, label="change x 0.5/eps")
-    axes[2].set_title("audio and its change (scaled)")
+    window = slice(4000, 4200)  # 25 ms in the middle of the clip
+    wave_delta = (adv["audio"][0] - x["audio"][0]).numpy()[window]
+    axes[2].plot(x["audio"][0].numpy()[window], color="0.6", lw=0.8, label="recording")
+    axes[2].plot(wave_delta / max(eps * ratio, 1e-12) * 0.5, color="#C44E52", lw=0.8, label="change x 0.5/eps")
+    axes[2].set_title("audio, 25 ms: recording (grey), change (red, scaled)", fontsize=8)
     axes[2].set_xticks([])
     axes[3].bar(range(10), probs.numpy(), color=["#55A868" if k == int(y) else "#4C72B0" for k in range(10)])
     axes[3].set_title(f"prediction: {int(probs.argmax())} (true {int(y)})")
