@@ -255,6 +255,7 @@ def test_bad_inputs_give_clear_errors(trained):
 # --- adversarial training through train.fit --------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", R.AT_METHODS)
 def test_adversarial_training_overfits_one_batch(method):
     torch.manual_seed(0)
