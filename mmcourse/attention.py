@@ -128,7 +128,13 @@ def _check_mask(
 
 
 def _check_common(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, dropout_p: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None = None,
 ) -> None:
     _check_qkv(q, k, v)
     if attn_mask is not None:
@@ -140,6 +146,15 @@ def _check_common(
         _check_mask(attn_mask, (*q.shape[:-1], k.shape[-2]), q.dtype, q.device)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if k.shape[-2] == 0:
+        raise ValueError(f"no keys to attend to: key has length S = 0, shape {tuple(k.shape)}")
+    if scale is not None and (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise ValueError(f"scale must be a finite number > 0 (or None for 1/sqrt(E)), got {scale!r}")
 
 
 def _fully_masked_rows(attn_mask: Tensor) -> Tensor:
@@ -189,7 +204,7 @@ def scaled_dot_product_attention(
 
     Taught in notebooks/02_attention.
     """
-    _check_common(q, k, v, attn_mask, is_causal, dropout_p)
+    _check_common(q, k, v, attn_mask, is_causal, dropout_p, scale)
     L, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # 1) similarities of every query with every key, scaled
@@ -236,7 +251,7 @@ def fused_attention(
 
     Taught in notebooks/02_attention.
     """
-    _check_common(q, k, v, attn_mask, is_causal, dropout_p)
+    _check_common(q, k, v, attn_mask, is_causal, dropout_p, scale)
     if attn_mask is None:
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale

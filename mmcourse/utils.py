@@ -75,16 +75,18 @@ def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (all devices) so that a run repeats exactly.
 
     Args:
-        seed: a non-negative integer.
+        seed: an integer in 0..2**64 - 1 (torch's seeds are 64 bits).
 
     Returns:
         A ``torch.Generator`` seeded with ``seed``, for code that wants its own stream.
     """
     non_negative_int(seed=seed)
+    if seed >= 2**64:
+        raise ValueError(f"seed must be an integer in 0..2**64 - 1 (64 bits), got {seed}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed % 2**32)  # Python refuses a larger one at start-up
     return torch.Generator().manual_seed(seed)
 
 

@@ -48,7 +48,7 @@ itm_steps = 250  # MLM + ITM steps per model, batch 32, so 96 ITM pairs a step (
 fusion_layers = 2  # cross-attention layers of the fusion encoder (ALBEF: 6)
 mask_probability = 0.4  # MLM: chance that a word is chosen (BERT: 0.15; 0.4 suits 7-word captions)
 itm_temperature = 3.0  # hard negatives ~ softmax(ITC logits / T) (ALBEF: 1)
-rerank_k = 8  # ITM re-scores the ITC top-k of our 200 captions, so k <= 200 (ALBEF: 128-256 of far larger galleries)
+rerank_k = 8  # ITM re-scores the ITC top-k of our 200 captions, so k is at most 200 (ALBEF: 128-256 of far larger galleries)
 cpu_threads = 1  # torch threads on a CPU: 1 keeps these tiny models steady on a shared machine (0: torch's default)
 
 # %%

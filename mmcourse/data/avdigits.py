@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 SPOKEN_DIGITS_PATH = Path(__file__).with_name("spoken_digits.npz")
 RENDER_HINT = "run `python scripts/render_spoken_digits.py` to render it (needs espeak-ng)"
+# SHA-256 of the shipped spoken_digits.npz: a re-saved file (shuffled labels, silent clips)
+# does not load in its place. Update it only with a deliberate re-render.
+SPOKEN_DIGITS_SHA256 = "5d14a8a6aee9fcab9c193ca9e06259e1a14730eb9622fc908a799680bf2a764f"
 SPLITS = ("train", "validation", "test")
 LABEL_NAMES = DIGIT_WORDS  # ClassLabel names: label 7 is "seven"
 UNINFORMATIVE_TEXT = "a digit"  # what a dropped text field says
@@ -66,12 +69,18 @@ _STREAMS = {"pairing": 0, "image_noise": 1, "occlusion": 2, "audio_noise": 3, "t
 # --- the spoken clips ------------------------------------------------------------------
 
 
-def load_spoken_digits(path: str | Path | None = None) -> SpokenDigits:
+def load_spoken_digits(
+    path: str | Path | None = None, *, verify: bool | None = None
+) -> SpokenDigits:
     """Load and validate the spoken-digit clips written by ``scripts/render_spoken_digits.py``.
 
     Args:
         path: the ``.npz`` file; None means the one shipped with the package
             (``mmcourse/data/spoken_digits.npz``).
+        verify: check the file's SHA-256 against the shipped file's
+            (``SPOKEN_DIGITS_SHA256``); None: only for the shipped file (``path=None``),
+            not for a file you rendered yourself. The file is read with
+            ``allow_pickle=False`` either way.
 
     Returns:
         :class:`~mmcourse.data.speech.SpokenDigits` with read-only arrays (cached per
@@ -82,9 +91,27 @@ def load_spoken_digits(path: str | Path | None = None) -> SpokenDigits:
         ValueError: the file is not a readable ``.npz``, or a field is missing or has the
             wrong shape, dtype or sample rate (the message names the field).
     """
+    if verify is None:
+        verify = path is None
     path = Path(SPOKEN_DIGITS_PATH if path is None else path).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"spoken digits file not found: {path}; {RENDER_HINT}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path}: not a readable .npz file: it is corrupted (an .npz is a zip archive of "
+            f".npy arrays, and this is not one); {RENDER_HINT}"
+        )
+    if verify:
+        from mmcourse.pretrained import sha256_file
+
+        actual = sha256_file(path)
+        if actual != SPOKEN_DIGITS_SHA256:
+            raise ValueError(
+                f"{path}: corrupted or modified, its SHA-256 is not the shipped file's\n"
+                f"  expected SHA-256 {SPOKEN_DIGITS_SHA256}\n  got      SHA-256 {actual}\n"
+                "Reinstall mmcourse's data file (git checkout mmcourse/data/spoken_digits.npz), "
+                "or pass verify=False for clips you rendered yourself"
+            )
     stat = path.stat()
     return _load_spoken_digits(str(path), stat.st_mtime_ns, stat.st_size)
 
@@ -98,7 +125,15 @@ def _load_spoken_digits(path: str, _mtime_ns: int, _size: int) -> SpokenDigits:
             arrays = {name: npz[name] for name in _FIELDS if name in npz.files}
             found = sorted(npz.files)
     except unreadable as error:
-        raise ValueError(f"{path}: not a readable .npz file ({error}); {RENDER_HINT}") from error
+        if "pickle" in str(error):  # numpy's advice to allow pickle is not for this file
+            raise ValueError(
+                f"{path}: not a readable .npz file: it holds pickled Python objects, which are "
+                f"never loaded (they could run code); {RENDER_HINT}"
+            ) from None
+        raise ValueError(
+            f"{path}: not a readable .npz file, it is corrupted ({type(error).__name__}: "
+            f"{error}); {RENDER_HINT}"
+        ) from None
     missing = [name for name in _FIELDS if name not in arrays]
     if missing:
         raise ValueError(
