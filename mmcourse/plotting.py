@@ -317,6 +317,7 @@ def draw_hard_negatives(
     differing: torch.Tensor,
     temperature: float,
     hard: bool = True,
+    pool: torch.Tensor | None = None,
     example_captions: Sequence[str] | None = None,
     example: int = 0,
 ) -> None:
@@ -327,6 +328,7 @@ def draw_hard_negatives(
         own: (N,) the pool index of each image's true caption (never drawn).
         differing: (N, C) how many attributes each pool caption changes for each image.
         temperature: T of softmax(similarity / T); ``hard=False`` samples uniformly.
+        pool: (N, C) bool, the captions each image may draw from (None: all of them).
         example_captions: the C captions, to list the example image's likeliest negatives.
 
     Taught in notebooks/07_pretraining_objectives.
@@ -334,12 +336,16 @@ def draw_hard_negatives(
     from mmcourse.pretraining import bank_negative_weights
 
     p = bank_negative_weights(similarity, own, hard=hard, temperature=temperature)  # (N, C)
-    p = p / p.sum(1, keepdim=True)  # the uniform weights are unnormalised
+    if pool is not None:
+        p = p * pool
+    p = p / p.sum(1, keepdim=True).clamp_min(1e-30)  # uniform weights and pools are unnormalised
     counts = int(differing.max())
     expected = [(p * (differing == d)).sum(1).mean().item() for d in range(1, counts + 1)]
     axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.5]})
     axes[0].bar(range(1, counts + 1), expected, color="#c63")
     kind = f"hard, T = {temperature:.3g}" if hard else "random"
+    if pool is not None:
+        kind += f", pool of {int(pool[example].sum())}"
     axes[0].set(
         ylim=(0, 1),
         xlabel="attributes the negative changes",
@@ -348,7 +354,7 @@ def draw_hard_negatives(
         xticks=range(1, counts + 1),
     )
     row = p[example]
-    top = row.topk(min(8, len(row) - 1)).indices.tolist()
+    top = row.topk(min(8, int((row > 0).sum()))).indices.tolist()
     axes[1].barh(range(len(top))[::-1], [row[j].item() for j in top], color="#e9a")
     names = example_captions or [f"caption {j}" for j in range(p.shape[1])]
     axes[1].set_yticks(
@@ -358,6 +364,89 @@ def draw_hard_negatives(
     )
     true = f'true: "{names[int(own[example])]}"' if example_captions else ""
     axes[1].set(xlabel="p(negative)", title=f"image {example}'s likeliest negatives {true}")
+
+
+def draw_masking_curve(
+    fig: plt.Figure,
+    *,
+    rates: Sequence[float],
+    accuracies: dict[str, Sequence[float]],
+    rate: float,
+    trained_at: float | None = None,
+    example: Sequence[tuple[str, str]] = (),
+) -> None:
+    """MLM accuracy of each model over the masking rate, and one caption masked at ``rate``.
+
+    Args:
+        rates: the masking rates measured; accuracies: {model: accuracy at each rate}.
+        example: (label, text) lines, e.g. the true, the masked and the filled caption.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
+    for name, values in accuracies.items():
+        axes[0].plot(rates, values, "o-", label=name)
+    axes[0].axvline(rate, color="C3", lw=1, label=f"p = {rate:g}")
+    if trained_at is not None:
+        axes[0].axvline(
+            trained_at, color="gray", ls=":", lw=1, label=f"trained at p = {trained_at:g}"
+        )
+    axes[0].set(
+        ylim=(0, 1.02),
+        xlabel="masking rate p",
+        ylabel="accuracy on masked words",
+        title="fill the masked words of test captions",
+    )
+    axes[0].legend(fontsize=7)
+    axes[1].axis("off")
+    for k, (label, text) in enumerate(example):
+        axes[1].text(
+            0, 0.8 - 0.25 * k, f"{label}:", fontsize=8, weight="bold", transform=axes[1].transAxes
+        )
+        axes[1].text(0, 0.7 - 0.25 * k, text, fontsize=8, transform=axes[1].transAxes, wrap=True)
+    axes[1].set_title(f"one test caption at p = {rate:g}")
+
+
+def draw_trainable_parameters(
+    fig: plt.Figure,
+    *,
+    counts: dict[str, int],
+    measured: dict[str, tuple[int, float]] | None = None,
+    highlight: str | None = None,
+) -> None:
+    """Trainable parameters per strategy (log bars), beside measured (trainable, accuracy) points.
+
+    Args:
+        counts: {strategy: trainable numbers} to draw as bars.
+        measured: {run: (trainable numbers, test accuracy)} of runs actually trained.
+        highlight: the bar (and vertical line on the right) of the setting being explored.
+
+    Taught in notebooks/08_fine_tuning.
+    """
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
+    names = list(counts)
+    colours = ["C3" if n == highlight else "0.6" for n in names]
+    axes[0].barh(names[::-1], [counts[n] for n in names][::-1], color=colours[::-1])
+    for k, n in enumerate(names[::-1]):
+        axes[0].text(counts[n], k, f" {counts[n]:,}", va="center", fontsize=7)
+    axes[0].set(xscale="log", xlabel="trainable numbers (log)", title="what trains")
+    axes[0].tick_params(axis="y", labelsize=7)
+    if measured:
+        for k, (name, (numbers, acc)) in enumerate(measured.items()):
+            axes[1].scatter(numbers, acc, color=f"C{k}", label=f"{name}: {acc:.3f}")
+        if highlight is not None:
+            axes[1].axvline(
+                counts[highlight], color="C3", lw=1, ls="--", label="this setting (not trained)"
+            )
+        axes[1].set(
+            xscale="log",
+            xlabel="trainable numbers (log)",
+            ylabel="test accuracy",
+            title="measured runs",
+        )
+        axes[1].legend(fontsize=6)
+    else:
+        axes[1].axis("off")
 
 
 def draw_soft_labels(

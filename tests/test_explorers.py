@@ -183,3 +183,50 @@ def test_ch15_logits_memory(fig):
         )
     with pytest.raises(ValueError, match="divisible"):
         plotting.draw_logits_memory(fig, global_batch=100, world_size=8)
+
+
+def test_ch07_pool_restricts_the_draw(fig):
+    sim = torch.tensor([[5.0, 4.0, 0.0, 3.0]])
+    own = torch.tensor([0])
+    differing = torch.tensor([[0, 1, 2, 3]])
+    pool = torch.tensor([[True, False, True, True]])
+    plotting.draw_hard_negatives(
+        fig, similarity=sim, own=own, differing=differing, temperature=1.0, pool=pool
+    )
+    heights = [b.get_height() for b in fig.axes[0].patches[:3]]
+    expected = torch.tensor([0.0, 3.0]).softmax(0)
+    assert heights == pytest.approx([0.0, expected[0].item(), expected[1].item()], rel=1e-5)
+    assert "pool of 3" in titles(fig)
+
+
+def test_ch07_masking_curve(fig):
+    for rate in (0.2, 0.8):
+        fig.clear()
+        plotting.draw_masking_curve(
+            fig,
+            rates=[0.2, 0.8],
+            accuracies={"with image": [0.9, 0.7], "text only": [0.5, 0.2]},
+            rate=rate,
+            trained_at=0.4,
+            example=[("true", "a red circle"), ("masked", "a [MASK] circle")],
+        )
+        assert [list(line.get_ydata()) for line in fig.axes[0].lines[:2]] == [
+            [0.9, 0.7],
+            [0.5, 0.2],
+        ]
+        assert f"p = {rate:g}" in titles(fig)
+
+
+def test_ch08_trainable_parameters(fig):
+    for r in (1, 16):
+        fig.clear()
+        counts = {"head": 100, "lora": 100 + r * 768, "full": 10**6}
+        plotting.draw_trainable_parameters(
+            fig,
+            counts=counts,
+            measured={"probe": (100, 0.8), "full": (10**6, 0.85)},
+            highlight="lora",
+        )
+        widths = sorted(b.get_width() for b in fig.axes[0].patches)
+        assert widths == sorted(counts.values())
+        assert len(fig.axes[1].collections) == 2
