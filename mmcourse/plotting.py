@@ -135,7 +135,12 @@ def draw_patches_and_mel(
     axes[0].axis("off")
     seconds = wave.shape[0] / sample_rate
     axes[1].imshow(
-        log_mel.numpy(), origin="lower", aspect="auto", cmap="magma", extent=[0, seconds, 0, n_mels]
+        log_mel.numpy(),
+        origin="lower",
+        aspect="auto",
+        cmap="magma",
+        extent=[0, seconds, 0, n_mels],
+        vmin=float(log_mel.max()) - 80,  # 80 dB: silence (-100 dB) would wash out the rest
     )
     axes[1].set(
         title=f"J = {n_mels} mel bands: {log_mel.shape[1]} frames of {n_mels} values",
