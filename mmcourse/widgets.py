@@ -199,7 +199,12 @@ class Explorer:
 
     def static_note(self) -> str:
         """The one line shown under the figure when no front end is attached."""
-        values = ", ".join(f"{name} = {_describe(value)}" for name, value in self.values.items())
+        values = ", ".join(
+            f"{getattr(control, 'description', '') or name} = "
+            # a Dropdown or SelectionSlider shows its label, not the value behind it
+            f"{getattr(control, 'label', None) or _describe(control.value)}"
+            for name, control in self.controls.items()
+        )
         return (
             f"*Static figure at {values}. Run this notebook in Jupyter to move "
             f"the control{'s' if len(self.controls) > 1 else ''} and redraw it.*"

@@ -11,7 +11,7 @@ from mmcourse import widgets as mw
 matplotlib.use("Agg")
 
 
-def draw_line(fig, *, slope, label, offset=0.0):
+def draw_line(fig, *, slope, label, kind=0, offset=0.0):
     ax = fig.subplots()
     ax.plot([0, 1], [offset, offset + slope])
     ax.set_title(f"{label}: slope {slope}")
@@ -23,6 +23,9 @@ def make(**kw):
         {
             "slope": widgets.FloatSlider(value=1.0, min=-2, max=2),
             "label": widgets.Text(value="a"),
+            "kind": widgets.Dropdown(
+                options=[("colour word", 0), ("shape word", 1)], description="query"
+            ),
         },
         **kw,
     )
@@ -72,6 +75,7 @@ def test_static_show_displays_the_figure_and_a_one_line_note(shown):
     fig, note = shown
     assert fig is explorer.figure and fig.axes[0].get_title() == "a: slope 1.0"
     assert "\n" not in note.data and "slope = 1" in note.data and "label = 'a'" in note.data
+    assert "query = colour word" in note.data  # a Dropdown's label and description
     assert "Run this notebook in Jupyter" in note.data
     assert plt.get_fignums() == before
 
