@@ -154,7 +154,9 @@ def _check_common(
         or not math.isfinite(scale)
         or scale <= 0
     ):
-        raise ValueError(f"scale must be a finite number > 0 (or None for 1/sqrt(E)), got {scale!r}")
+        raise ValueError(
+            f"scale must be a finite number > 0 (or None for 1/sqrt(E)), got {scale!r}"
+        )
 
 
 def _fully_masked_rows(attn_mask: Tensor) -> Tensor:

@@ -247,6 +247,7 @@ def resolve_parameters(
 
 # --- the output folder: checked, locked, written only on success -------------------------
 
+
 def prepare_output(output_dir: str | Path) -> Path:
     """Create the output folder if needed; a clear :class:`ChapterError` if it cannot be.
 
@@ -439,6 +440,67 @@ def _first_difference(a: Any, b: Any) -> str:
     return f"{len(a.cells)} vs {len(b.cells)} cells"
 
 
+def _committed_digests(paths: list[Path]) -> set[str]:
+    """Cell digests of these files as last committed to git (none if git cannot say)."""
+    import subprocess
+
+    import jupytext
+
+    digests = set()
+    for path in paths:
+        try:
+            shown = subprocess.run(
+                ["git", "-C", str(path.parent), "show", f"HEAD:./{path.name}"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return set()
+        if shown.returncode == 0:
+            fmt = "ipynb" if path.suffix == ".ipynb" else "py:percent"
+            try:
+                digests.add(cells_digest(jupytext.reads(shown.stdout, fmt=fmt)))
+            except Exception:  # an unreadable committed version says nothing
+                continue
+    return digests
+
+
+def choose_source(chapter: Chapter) -> str:
+    """Which of a chapter's ``.ipynb`` and ``.py`` holds the cells to keep, by content.
+
+    Equal cells: ``"ipynb"``. Otherwise the file that changed since the two were last in
+    sync: known from the hash :func:`refresh_chapter` records in the notebook's metadata,
+    or, before any such refresh, from the versions last committed to git.
+
+    Raises:
+        ChapterError: both changed (or nothing tells which did), naming the first
+            difference and the ``--from`` choices; or a file cannot be read.
+    """
+    paired = chapter.path.with_suffix(".py")
+    ipynb_nb = _read_notebook(chapter.path)
+    if not paired.is_file():
+        return "ipynb"
+    py_nb = _read_notebook(paired)
+    ipynb_digest, py_digest = cells_digest(ipynb_nb), cells_digest(py_nb)
+    if ipynb_digest == py_digest:
+        return "ipynb"
+    recorded = ipynb_nb.metadata.get(SYNC_KEY, {}).get("synced_cells_sha256")
+    synced = {recorded} if recorded else _committed_digests([chapter.path, paired])
+    if py_digest in synced:
+        return "ipynb"  # only the notebook was edited
+    if ipynb_digest in synced:
+        return "py"  # only the .py was edited
+    since = "since they were last in sync" if synced else "and nothing records their last sync"
+    raise ChapterError(
+        f"{chapter.name}: both {paired.name} and {chapter.path.name} changed {since} "
+        f"({_first_difference(py_nb, ipynb_nb)}); nothing was overwritten. Say which "
+        f"to keep: `mmcourse refresh {chapter.number} --from py` or "
+        f"`mmcourse refresh {chapter.number} --from ipynb` (the other file's cell "
+        "edits are then replaced)"
+    )
+
+
 def _read_notebook(path: Path) -> Any:
     import jupytext
 
@@ -455,9 +517,10 @@ def refresh_chapter(chapter: Chapter, *, timeout: int = 900, source: str | None 
 
     - the ``.ipynb`` and its jupytext twin ``NN_slug.py`` hold the same cells: either;
     - they differ, and one of them still holds the cells of the last refresh (their hash
-      is kept in the notebook's metadata): the other one, the one that was edited;
-    - both changed since the last refresh (or none was recorded): refuse, and change
-      nothing, unless ``source`` says which to keep.
+      is kept in the notebook's metadata; before the first refresh, the versions last
+      committed to git): the other one, the one that was edited;
+    - both changed since then: refuse, and change nothing, unless ``source`` says which
+      to keep (:func:`choose_source`).
 
     Afterwards both files hold the same cells, written through a temporary file and a
     rename. Nothing is written if a cell fails.
@@ -488,22 +551,7 @@ def refresh_chapter(chapter: Chapter, *, timeout: int = 900, source: str | None 
             raise ChapterError(f"{chapter.name} has no jupytext twin {paired.name}")
         source = "ipynb"
     if source is None:
-        py_nb = _read_notebook(paired)
-        recorded = ipynb_nb.metadata.get(SYNC_KEY, {}).get("synced_cells_sha256")
-        ipynb_digest, py_digest = cells_digest(ipynb_nb), cells_digest(py_nb)
-        if ipynb_digest == py_digest or py_digest == recorded:
-            source = "ipynb"
-        elif ipynb_digest == recorded:
-            source = "py"
-        else:
-            since = "since they were last in sync" if recorded else "and no refresh recorded a sync"
-            raise ChapterError(
-                f"{chapter.name}: both {paired.name} and {chapter.path.name} changed {since} "
-                f"({_first_difference(py_nb, ipynb_nb)}); nothing was overwritten. Say which "
-                f"to keep: `mmcourse refresh {chapter.number} --from py` or "
-                f"`mmcourse refresh {chapter.number} --from ipynb` (the other file's cell "
-                "edits are then replaced)"
-            )
+        source = choose_source(chapter)
     nb = _read_notebook(paired) if source == "py" else ipynb_nb
     if source == "py":
         logger.info("taking the cells of %s from %s", chapter.name, paired.name)
@@ -538,7 +586,7 @@ def refresh_chapter(chapter: Chapter, *, timeout: int = 900, source: str | None 
     nb.metadata[SYNC_KEY] = {"synced_cells_sha256": cells_digest(nb)}
     ipynb_text = jupytext.writes(nb, fmt="ipynb")
     py_text = jupytext.writes(nb, fmt="py:percent") if paired.is_file() else None
-    write_text_atomic(chapter.path, ipynb_text)
+    write_text_atomic(chapter.path, ipynb_text.rstrip("\n") + "\n")  # as jupytext.write
     if py_text is not None:
-        write_text_atomic(paired, py_text)
+        write_text_atomic(paired, py_text.rstrip("\n") + "\n")
     return source

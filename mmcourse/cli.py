@@ -76,9 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             shown = " ".join(f"{k}={v!r}" for k, v in params.items())
             print(f"== {chapter.name} {shown}".rstrip(), flush=True)
             try:
-                results = ch.run_chapter_locked(
-                    chapter, output, params, progress_bar=args.progress
-                )
+                results = ch.run_chapter_locked(chapter, output, params, progress_bar=args.progress)
             except papermill.PapermillExecutionError as err:
                 failed.append(chapter.name)
                 print(f"   FAILED in cell {err.exec_count}: {err.ename}: {err.evalue}")
@@ -102,10 +100,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     for chapter in _select(args.chapters, args.all):
         start = time.perf_counter()
         source = ch.refresh_chapter(chapter, source=args.source)
-        print(
-            f"refreshed {chapter.name} from its {source} "
-            f"({time.perf_counter() - start:.1f} s)"
-        )
+        print(f"refreshed {chapter.name} from its {source} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 

@@ -42,25 +42,31 @@ def _check_embeddings(**named: Tensor) -> None:
     """Raise ValueError for an empty batch or non-finite values (checked by public functions)."""
     for name, x in named.items():
         if x.shape[0] == 0 or x.shape[-1] == 0:
-            raise ValueError(f"{name} is an empty batch of shape {tuple(x.shape)}: need B >= 1, D >= 1")
+            raise ValueError(
+                f"{name} is an empty batch of shape {tuple(x.shape)}: need B >= 1, D >= 1"
+            )
         if not torch.isfinite(x).all():
             raise ValueError(
                 f"{name} holds non-finite values (NaN or inf); the encoder or its input diverged"
             )
 
 
-def _check_positive(name: str, value: Tensor | float) -> None:
-    """Raise ValueError unless ``value`` (a number or a one-element tensor) is finite and > 0."""
+def _check_positive(name: str, value: Tensor | float, *, zero_ok: bool = False) -> None:
+    """Raise ValueError unless ``value`` (a number or a one-element tensor) is finite and > 0
+    (>= 0 with ``zero_ok``)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}"
+            )
         number = float(value.detach())
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
     else:
         raise ValueError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}")
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {number}")
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {number}")
 
 
 def _check_finite(name: str, value: Tensor | float) -> None:
@@ -146,7 +152,7 @@ def clip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | f
         The scalar loss.
     """
     _check_pair(image_embeds, text_embeds)
-    _check_positive("logit_scale", logit_scale)
+    _check_positive("logit_scale", logit_scale, zero_ok=True)  # s = 0: uniform logits
     image_embeds = F.normalize(image_embeds, dim=-1)
     text_embeds = F.normalize(text_embeds, dim=-1)
     logits = logit_scale * image_embeds @ text_embeds.T  # (B, B): image i vs text j
@@ -298,7 +304,7 @@ def siglip_loss(
         The scalar loss.
     """
     _check_pair(image_embeds, text_embeds)
-    _check_positive("logit_scale", logit_scale)
+    _check_positive("logit_scale", logit_scale, zero_ok=True)  # s = 0: uniform logits
     _check_finite("logit_bias", logit_bias)
     image_embeds = F.normalize(image_embeds, dim=-1)
     text_embeds = F.normalize(text_embeds, dim=-1)

@@ -124,9 +124,7 @@ def recorded() -> dict[str, Any]:
     return dict(_RECORDED)
 
 
-def read_results(
-    notebook: str | Path | Mapping, *, include_timings: bool = True
-) -> dict[str, Any]:
+def read_results(notebook: str | Path | Mapping, *, include_timings: bool = True) -> dict[str, Any]:
     """Collect the results recorded in an executed notebook, ``{name: value}``.
 
     Args:

@@ -42,7 +42,11 @@ def _write_chapter(folder: Path, name: str = "01_tiny", body: str | None = None)
     """A chapter pair NAME.ipynb + NAME.py: parameters, then one cell that records ``value``."""
     folder.mkdir(parents=True, exist_ok=True)
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["kernelspec"] = {
+        "display_name": "Python 3",
+        "language": "python",
+        "name": "python3",
+    }
     nb.cells = [
         nbformat.v4.new_markdown_cell("# 01 · A tiny chapter"),
         nbformat.v4.new_code_cell(
@@ -115,7 +119,9 @@ def test_a_failed_run_keeps_the_good_executed_notebook(good_then_failed_run):
     assert (out / "01_tiny.ipynb").read_text() == good_notebook
     assert read_results(out / "01_tiny.ipynb") == {"value": 2}
     failed = json.loads((out / "01_tiny.failed.ipynb").read_text())
-    errors = [o for c in failed["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
+    errors = [
+        o for c in failed["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"
+    ]
     assert errors and errors[0]["evalue"] == "asked to fail"
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "01_tiny.failed.ipynb",
@@ -177,7 +183,9 @@ def test_the_lock_is_held_across_processes_and_not_left_stale(tmp_path):
         "except ch.ChapterError as err: print(err)\n"
     )
     with ch.lock_output(out):
-        held = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True)
+        held = subprocess.run(
+            [sys.executable, "-c", probe, str(out)], capture_output=True, text=True
+        )
         assert "another `mmcourse run`" in held.stdout, held.stdout + held.stderr
     killed = subprocess.run(
         [sys.executable, "-c", "import os, sys; from mmcourse import chapters as ch\n"
@@ -225,6 +233,31 @@ def test_refresh_keeps_py_edits_after_an_autosave_and_refuses_when_both_changed(
     assert read_results(tiny) == {"value": 9} and "value = 9  #" in py.read_text()
 
 
+def test_refresh_before_any_recorded_sync_compares_with_git(tiny):
+    # case 4: a pair never refreshed by this version: the committed versions say what changed
+    folder, py = tiny.parent, tiny.with_suffix(".py")
+    chapter = ch.find_chapter("01")
+    _edit(py, "value = 1  #", "value = 2  #")
+    with pytest.raises(ch.ChapterError, match="nothing records their last sync"):
+        ch.choose_source(chapter)  # no record and no git: refuse
+    git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    _edit(py, "value = 2  #", "value = 1  #")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "pair"], check=True)
+    _edit(py, "value = 1  #", "value = 2  #")
+    os.utime(tiny)  # newer, unchanged notebook
+    assert ch.choose_source(chapter) == "py"
+    _edit(py, "value = 2  #", "value = 1  #")
+    nb = json.loads(tiny.read_text())
+    nb["cells"][1]["source"] = "".join(nb["cells"][1]["source"]).replace("value = 1", "value = 3")
+    tiny.write_text(json.dumps(nb))
+    assert ch.choose_source(chapter) == "ipynb"
+    _edit(py, "value = 1  #", "value = 2  #")
+    with pytest.raises(ch.ChapterError, match="changed since they were last in sync"):
+        ch.choose_source(chapter)
+
+
 # --- 5-7: the training loop ----------------------------------------------------------------
 
 
@@ -235,7 +268,9 @@ def _model():
 
 def _batches(n=4):
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(n)
+    ]
 
 
 def _loss(model, batch):
@@ -259,7 +294,9 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
     marker = tmp_path / "code_ran"
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": _model().state_dict(), "step": 1, "rng": _RunsCode(marker)}, ckpt)
-    config = TrainConfig(max_steps=4, eval_every=2, progress=False, device="cpu", checkpoint_path=str(ckpt))
+    config = TrainConfig(
+        max_steps=4, eval_every=2, progress=False, device="cpu", checkpoint_path=str(ckpt)
+    )
     with pytest.raises(ValueError, match="refusing to load .*ckpt.pt") as err:
         fit(_model(), _batches(), loss_fn=_loss, config=config, resume=True)
     assert "weights_only" in str(err.value)
@@ -275,7 +312,13 @@ def test_resume_from_a_genuine_checkpoint_loads_with_weights_only(tmp_path, monk
 
     ckpt = str(tmp_path / "ckpt.pt")
     kw = dict(eval_every=2, progress=False, device="cpu", checkpoint_path=ckpt)
-    fit(_model(), _batches(), loss_fn=_loss, config=TrainConfig(max_steps=2, **kw), evaluate_fn=evaluate)
+    fit(
+        _model(),
+        _batches(),
+        loss_fn=_loss,
+        config=TrainConfig(max_steps=2, **kw),
+        evaluate_fn=evaluate,
+    )
     calls = []
     real_load = torch.load
 
@@ -518,7 +561,9 @@ def test_a_hub_name_blocked_by_the_offline_guard_says_so():
     from mmcourse.offline import NetworkAccessError
     from mmcourse.pretrained import load_text_encoder
 
-    with pytest.raises(NetworkAccessError, match="network access is disabled while the course runs"):
+    with pytest.raises(
+        NetworkAccessError, match="network access is disabled while the course runs"
+    ):
         load_text_encoder("bert-base-uncased", verify=False)
 
 
@@ -534,7 +579,9 @@ def test_papermill_parses_every_parameter_line(path, caplog):
         found = papermill.inspect_notebook(str(path))
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("papermill")]
     cell = next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
-    names = [line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if "=" in line]
+    names = [
+        line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if "=" in line
+    ]
     assert list(found) == names
 
 
@@ -546,11 +593,19 @@ def test_contrastive_losses_refuse_bad_temperature_empty_and_non_finite_input():
     from mmcourse.contrastive import clip_loss, info_nce, siglip_loss
 
     u, v = torch.randn(4, 8), torch.randn(4, 8)
-    for bad in (-1.0, 0.0, float("nan"), float("inf"), torch.tensor(-2.0), torch.tensor(float("nan"))):
+    for bad in (
+        -1.0,
+        0.0,
+        float("nan"),
+        float("inf"),
+        torch.tensor(-2.0),
+        torch.tensor(float("nan")),
+    ):
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             info_nce(u, v, temperature=bad)
-        with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
-            clip_loss(u, v, bad)
+        if not (isinstance(bad, float) and bad == 0.0):  # s = 0 (uniform logits) is allowed
+            with pytest.raises(ValueError, match="logit_scale must be a finite number >= 0"):
+                clip_loss(u, v, bad)
     with pytest.raises(ValueError, match="logit_bias must be a finite number"):
         siglip_loss(u, v, 10.0, float("nan"))
     empty = torch.zeros(0, 8)
@@ -618,7 +673,12 @@ def test_the_offline_guard_forces_the_hf_offline_variables(monkeypatch):
     assert all(os.environ[name] == "0" for name in offline.HF_OFFLINE_VARIABLES)
     if was_installed:  # as mmcourse's import left it (monkeypatch restores the variables)
         offline.install()
-    env = {**os.environ, "MMCOURSE_OFFLINE": "1", "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+    env = {
+        **os.environ,
+        "MMCOURSE_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+    }
     code = "import os, mmcourse; print(os.environ['HF_HUB_OFFLINE'], os.environ['TRANSFORMERS_OFFLINE'])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.stdout.split() == ["1", "1"], done.stderr
