@@ -734,7 +734,7 @@ for condition, m in skip.items():
 # $\sigma = 1$ is as large as the signal), or the modality is removed ("missing"), and every
 # strategy is scored on the test set - trained on both senses, or with modality dropout.
 # Retraining is too slow for a slider, so the grid of the trained models' accuracies is
-# **precomputed** here, for the first seed's models only (a few seconds); the explorer
+# **precomputed** here, for the first seed's models only (15 test-set passes each); the explorer
 # only looks values up.
 
 # %%
