@@ -62,3 +62,485 @@ def image_grid(
     if suptitle:
         fig.suptitle(suptitle)
     return fig
+
+
+# Explorers' draw functions: each fills a cleared figure for one setting of its knobs and is
+# driven by mmcourse.widgets.explore in its chapter (and tested headless in tests/test_explorers.py).
+
+
+def draw_shapes_scenes(
+    fig: plt.Figure, *, seed: int, num_objects: int, image_size: int = 32, num_scenes: int = 4
+) -> None:
+    """Shapes-world scenes for one seed and object count, with caption, question and answer.
+
+    Taught in notebooks/00_setup_and_tour.
+    """
+    import textwrap
+
+    from mmcourse.data import shapes
+
+    config = shapes.ShapesConfig(
+        image_size=image_size, min_objects=num_objects, max_objects=num_objects, seed=seed
+    )
+    scenes = shapes.generate_shapes(num_scenes, split="train", config=config)
+    for ax, k in zip(fig.subplots(1, num_scenes), range(num_scenes), strict=True):
+        ax.imshow(_to_hwc(scenes["images"][k]), interpolation="nearest")
+        ax.axis("off")
+        text = (
+            f"{scenes['canonical_caption'][k]}\n\u2248 {scenes['caption'][k]}\n"
+            f"Q: {scenes['question'][k]}\nA: {scenes['answer'][k]}"
+        )
+        ax.set_title("\n".join(textwrap.fill(line, 30) for line in text.split("\n")), fontsize=7)
+    fig.suptitle(
+        f"seed {seed}, {num_objects} object(s) per scene, {image_size} x {image_size} pixels"
+    )
+
+
+def draw_patches_and_mel(
+    fig: plt.Figure,
+    *,
+    image: torch.Tensor,
+    patch_size: int,
+    wave: torch.Tensor,
+    sample_rate: int,
+    n_mels: int,
+    n_fft: int = 256,
+    hop_length: int = 80,
+) -> None:
+    """An image cut into P x P patches beside a log-mel spectrogram with J mel bands.
+
+    Args:
+        image: (C, H, W) in [0, 1]; H and W divisible by ``patch_size``.
+        wave: (T,) waveform in [-1, 1] at ``sample_rate`` Hz.
+
+    Taught in notebooks/01_modalities_as_tensors.
+    """
+    from mmcourse import audio
+    from mmcourse.modalities import patchify
+
+    C, H, W = image.shape
+    patches = patchify(image[None], patch_size)  # (1, L, P*P*C)
+    log_mel = audio.log_mel_spectrogram(
+        wave, sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels
+    )  # (J, M)
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
+    axes[0].imshow(_to_hwc(image))
+    for k in range(1, H // patch_size):
+        axes[0].axhline(k * patch_size - 0.5, color="w", lw=0.6)
+    for k in range(1, W // patch_size):
+        axes[0].axvline(k * patch_size - 0.5, color="w", lw=0.6)
+    axes[0].set_title(
+        f"P = {patch_size}: L = {patches.shape[1]} tokens of P*P*C = {patches.shape[2]} values"
+    )
+    axes[0].axis("off")
+    seconds = wave.shape[0] / sample_rate
+    axes[1].imshow(
+        log_mel.numpy(),
+        origin="lower",
+        aspect="auto",
+        cmap="magma",
+        extent=[0, seconds, 0, n_mels],
+        vmin=float(log_mel.max()) - 80,  # 80 dB: silence (-100 dB) would wash out the rest
+    )
+    axes[1].set(
+        title=f"J = {n_mels} mel bands: {log_mel.shape[1]} frames of {n_mels} values",
+        xlabel="time (s)",
+        ylabel="mel band",
+    )
+
+
+def draw_attention_map(
+    fig: plt.Figure,
+    *,
+    image: torch.Tensor,
+    attentions: torch.Tensor,
+    layer: int,
+    head: int,
+    query: int = 0,
+    title: str = "",
+) -> None:
+    """Where one token attends in one layer and head of a ViT, over the image's patch grid.
+
+    Args:
+        image: (C, S, S) the input image.
+        attentions: (L, H, T, T) attention weights of this image, token 0 being [CLS] and
+            tokens 1..N the patches of a square grid in reading order.
+        query: the attending token (0: [CLS]).
+
+    Taught in notebooks/04_transformer_encoders.
+    """
+    L, H, T, _ = attentions.shape
+    if not (0 <= layer < L and 0 <= head < H and 0 <= query < T):
+        raise ValueError(f"layer/head/query must be < {L}/{H}/{T}, got {layer}/{head}/{query}")
+    grid = int(round((T - 1) ** 0.5))
+    weights = attentions[layer, head, query].float()  # (T,)
+    size = image.shape[-1]
+    axes = fig.subplots(1, 2)
+    axes[0].imshow(_to_hwc(image))
+    if query > 0:
+        row, col = divmod(query - 1, grid)
+        step = size / grid
+        axes[0].add_patch(
+            plt.Rectangle(
+                (col * step - 0.5, row * step - 0.5), step, step, fill=False, ec="cyan", lw=1.5
+            )
+        )
+    axes[0].set_title(title or "the image" + (" (cyan: the query patch)" if query else ""))
+    im = axes[1].imshow(
+        weights[1:].reshape(grid, grid).numpy(),
+        cmap="magma",
+        vmin=0,
+        extent=(-0.5, size - 0.5, size - 0.5, -0.5),
+        interpolation="nearest",
+    )
+    fig.colorbar(im, ax=axes[1], shrink=0.8, label="attention weight")
+    who = "[CLS]" if query == 0 else f"patch {query - 1}"
+    axes[1].set_title(
+        f"block {layer + 1}, head {head}: {who} attends\n({weights[0]:.2f} of it to [CLS] itself)"
+    )
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def draw_accuracy_bars(
+    fig: plt.Figure,
+    *,
+    accuracies: dict[str, float],
+    title: str,
+    references: dict[str, float] | None = None,
+    spread: dict[str, float] | None = None,
+    ylabel: str = "test accuracy",
+) -> None:
+    """Bars of accuracy per model (with optional spread) and dashed reference lines.
+
+    Taught in notebooks/05_fusion_strategies.
+    """
+    ax = fig.subplots()
+    names = list(accuracies)
+    errors = [spread.get(n, 0.0) for n in names] if spread else None
+    bars = ax.bar(names, [accuracies[n] for n in names], yerr=errors, capsize=3, color="#55A868")
+    for bar, name in zip(bars, names, strict=True):
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            accuracies[name] + 0.01,
+            f"{accuracies[name]:.2f}",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    for k, (label, value) in enumerate((references or {}).items()):
+        ax.axhline(value, color=f"C{k + 3}", ls="--", lw=1, label=label)
+    ax.set(ylim=(0, 1.08), ylabel=ylabel, title=title)
+    ax.tick_params(axis="x", rotation=30)
+    if references:
+        ax.legend(fontsize=7, loc="lower left")
+
+
+def draw_clip_batch(
+    fig: plt.Figure,
+    *,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    batch_size: int,
+    tau: float,
+    learned_tau: float | None = None,
+) -> None:
+    """A batch's similarity matrix at temperature tau, and the CLIP loss over tau.
+
+    Args:
+        image_embeds, text_embeds: (N, E) unit vectors of N matching pairs, N >= batch_size.
+        batch_size: B, the first B pairs form the batch.
+        tau: the temperature that divides the cosines.
+        learned_tau: the model's own temperature, marked on the curve.
+
+    Taught in notebooks/06_contrastive_learning_and_clip.
+    """
+    from mmcourse.contrastive import clip_loss
+
+    if not 2 <= batch_size <= len(image_embeds):
+        raise ValueError(f"batch_size must be in 2..{len(image_embeds)}, got {batch_size}")
+    u, v = image_embeds[:batch_size], text_embeds[:batch_size]
+    cos = u @ v.T  # (B, B)
+    probs = (cos / tau).softmax(dim=1)
+    loss = clip_loss(u, v, torch.tensor(1 / tau)).item()
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.3]})
+    im = axes[0].imshow(probs.numpy(), cmap="Greens", vmin=0, vmax=1)
+    fig.colorbar(im, ax=axes[0], shrink=0.8, label="softmax over the row")
+    axes[0].set(
+        title=f"B = {batch_size}, $\\tau$ = {tau:.3g}: CLIP loss {loss:.3f}",
+        xlabel="caption j",
+        ylabel="image i",
+    )
+    taus = np.geomspace(0.005, 2.0, 60)
+    curve = [clip_loss(u, v, torch.tensor(1 / t)).item() for t in taus]
+    axes[1].plot(taus, curve, label="CLIP loss of this batch")
+    axes[1].axhline(np.log(batch_size), color="gray", ls=":", label="chance, log B")
+    axes[1].plot([tau], [loss], "o", color="C3", label=f"$\\tau$ = {tau:.3g}")
+    if learned_tau is not None:
+        axes[1].axvline(
+            learned_tau, color="k", lw=0.8, ls="--", label=f"learned $\\tau$ = {learned_tau:.3g}"
+        )
+    axes[1].set(
+        xscale="log", xlabel="temperature $\\tau$", ylabel="loss (nats)", title="loss over $\\tau$"
+    )
+    axes[1].legend(fontsize=7)
+
+
+def draw_retrieval(
+    fig: plt.Figure,
+    *,
+    images: torch.Tensor,
+    scores: torch.Tensor,
+    query: str,
+    k: int = 8,
+    labels: Sequence[str] | None = None,
+) -> None:
+    """The k images that score highest for a text query, with their scores.
+
+    Args:
+        images: (N, C, H, W); scores: (N,) one similarity per image.
+
+    Taught in notebooks/06_contrastive_learning_and_clip.
+    """
+    top = scores.topk(min(k, len(scores))).indices
+    axes = np.atleast_1d(fig.subplots(1, len(top)))
+    for ax, i in zip(axes, top.tolist(), strict=True):
+        ax.imshow(_to_hwc(images[i]), interpolation="nearest")
+        ax.set_title(
+            f"{scores[i]:.2f}" + (f"\n{labels[i]}" if labels is not None else ""), fontsize=7
+        )
+        ax.axis("off")
+    fig.suptitle(f'the {len(top)} images closest to "{query}" (cosine similarity)')
+
+
+def draw_hard_negatives(
+    fig: plt.Figure,
+    *,
+    similarity: torch.Tensor,
+    own: torch.Tensor,
+    differing: torch.Tensor,
+    temperature: float,
+    hard: bool = True,
+    pool: torch.Tensor | None = None,
+    example_captions: Sequence[str] | None = None,
+    example: int = 0,
+) -> None:
+    """What ITM's negative sampler draws: how many attributes a negative caption changes.
+
+    Args:
+        similarity: (N, C) ITC logits of N images against the C pool captions.
+        own: (N,) the pool index of each image's true caption (never drawn).
+        differing: (N, C) how many attributes each pool caption changes for each image.
+        temperature: T of softmax(similarity / T); ``hard=False`` samples uniformly.
+        pool: (N, C) bool, the captions each image may draw from (None: all of them).
+        example_captions: the C captions, to list the example image's likeliest negatives.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+    from mmcourse.pretraining import bank_negative_weights
+
+    p = bank_negative_weights(similarity, own, hard=hard, temperature=temperature)  # (N, C)
+    if pool is not None:
+        p = p * pool
+    p = p / p.sum(1, keepdim=True).clamp_min(1e-30)  # uniform weights and pools are unnormalised
+    counts = int(differing.max())
+    expected = [(p * (differing == d)).sum(1).mean().item() for d in range(1, counts + 1)]
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.5]})
+    axes[0].bar(range(1, counts + 1), expected, color="#c63")
+    kind = f"hard, T = {temperature:.3g}" if hard else "random"
+    if pool is not None:
+        kind += f", pool of {int(pool[example].sum())}"
+    axes[0].set(
+        ylim=(0, 1),
+        xlabel="attributes the negative changes",
+        ylabel="share of negatives",
+        title=f"{kind}: expected over {len(p)} images",
+        xticks=range(1, counts + 1),
+    )
+    row = p[example]
+    top = row.topk(min(8, int((row > 0).sum()))).indices.tolist()
+    axes[1].barh(range(len(top))[::-1], [row[j].item() for j in top], color="#e9a")
+    names = example_captions or [f"caption {j}" for j in range(p.shape[1])]
+    axes[1].set_yticks(
+        range(len(top))[::-1],
+        [f"{names[j]} ({int(differing[example, j])})" for j in top],
+        fontsize=7,
+    )
+    true = f'true: "{names[int(own[example])]}"' if example_captions else ""
+    axes[1].set(xlabel="p(negative)", title=f"image {example}'s likeliest negatives {true}")
+
+
+def draw_masking_curve(
+    fig: plt.Figure,
+    *,
+    rates: Sequence[float],
+    accuracies: dict[str, Sequence[float]],
+    rate: float,
+    trained_at: float | None = None,
+    example: Sequence[tuple[str, str]] = (),
+) -> None:
+    """MLM accuracy of each model over the masking rate, and one caption masked at ``rate``.
+
+    Args:
+        rates: the masking rates measured; accuracies: {model: accuracy at each rate}.
+        example: (label, text) lines, e.g. the true, the masked and the filled caption.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.2]})
+    for name, values in accuracies.items():
+        axes[0].plot(rates, values, "o-", label=name)
+    axes[0].axvline(rate, color="C3", lw=1, label=f"p = {rate:g}")
+    if trained_at is not None:
+        axes[0].axvline(
+            trained_at, color="gray", ls=":", lw=1, label=f"trained at p = {trained_at:g}"
+        )
+    axes[0].set(
+        ylim=(0, 1.02),
+        xlabel="masking rate p",
+        ylabel="accuracy on masked words",
+        title="fill the masked words of test captions",
+    )
+    axes[0].legend(fontsize=7)
+    axes[1].axis("off")
+    for k, (label, text) in enumerate(example):
+        axes[1].text(
+            0, 0.8 - 0.25 * k, f"{label}:", fontsize=8, weight="bold", transform=axes[1].transAxes
+        )
+        axes[1].text(0, 0.7 - 0.25 * k, text, fontsize=8, transform=axes[1].transAxes, wrap=True)
+    axes[1].set_title(f"one test caption at p = {rate:g}")
+
+
+def draw_trainable_parameters(
+    fig: plt.Figure,
+    *,
+    counts: dict[str, int],
+    measured: dict[str, tuple[int, float]] | None = None,
+    highlight: str | None = None,
+) -> None:
+    """Trainable parameters per strategy (log bars), beside measured (trainable, accuracy) points.
+
+    Args:
+        counts: {strategy: trainable numbers} to draw as bars.
+        measured: {run: (trainable numbers, test accuracy)} of runs actually trained.
+        highlight: the bar (and vertical line on the right) of the setting being explored.
+
+    Taught in notebooks/08_fine_tuning.
+    """
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
+    names = list(counts)
+    colours = ["C3" if n == highlight else "0.6" for n in names]
+    axes[0].barh(names[::-1], [counts[n] for n in names][::-1], color=colours[::-1])
+    for k, n in enumerate(names[::-1]):
+        axes[0].text(counts[n], k, f" {counts[n]:,}", va="center", fontsize=7)
+    axes[0].set(xscale="log", xlabel="trainable numbers (log)", title="what trains")
+    axes[0].tick_params(axis="y", labelsize=7)
+    if measured:
+        for k, (name, (numbers, acc)) in enumerate(measured.items()):
+            axes[1].scatter(numbers, acc, color=f"C{k}", label=f"{name}: {acc:.3f}")
+        if highlight is not None:
+            axes[1].axvline(
+                counts[highlight], color="C3", lw=1, ls="--", label="this setting (not trained)"
+            )
+        axes[1].set(
+            xscale="log",
+            xlabel="trainable numbers (log)",
+            ylabel="test accuracy",
+            title="measured runs",
+        )
+        axes[1].legend(fontsize=6)
+    else:
+        axes[1].axis("off")
+
+
+def draw_soft_labels(
+    fig: plt.Figure,
+    *,
+    logits: torch.Tensor,
+    true: int,
+    names: Sequence[str],
+    temperature: float,
+    measured: dict[float, float] | None = None,
+    caption: str = "",
+) -> None:
+    """One caption's teacher distribution p^T, and the student accuracy measured at some T.
+
+    Args:
+        logits: (K,) the teacher's logits for one example; true: its class.
+        measured: {T: student test accuracy} from the chapter's sweep (only these T trained).
+
+    Taught in notebooks/09_knowledge_distillation.
+    """
+    p = (logits.float() / temperature).softmax(-1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum().item()
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    bars = axes[0].bar(range(len(p)), p.numpy(), color="lightgray")
+    bars[int(p.argmax())].set_color("tab:orange")
+    bars[true].set_color("tab:red")
+    axes[0].set_xticks(range(len(p)), names, rotation=90, fontsize=6)
+    axes[0].set(
+        ylim=(0, 1),
+        ylabel="$p_k^T$",
+        title=f'T = {temperature:.3g}: p(true) = {p[true]:.2f}, entropy {entropy:.2f} nats\n"{caption}"',
+    )
+    if measured:
+        ts = sorted(measured)
+        axes[1].plot(ts, [measured[t] for t in ts], "o-", label="student (measured)")
+        axes[1].axvline(temperature, color="C3", lw=1, label="this T")
+        axes[1].set(
+            xscale="log",
+            xlabel="T",
+            ylabel="student test accuracy",
+            title="trained only at these T",
+        )
+        axes[1].legend(fontsize=7)
+    else:
+        axes[1].axis("off")
+
+
+def draw_logits_memory(
+    fig: plt.Figure,
+    *,
+    global_batch: int,
+    world_size: int,
+    bytes_per_element: int = 4,
+    embed_dim: int = 768,
+    device_gib: float | None = None,
+) -> None:
+    """Per-process memory of CLIP's similarity matrix: G x G when every process builds it
+    whole, B x G with ``local_loss`` (B = G / W), and the gathered embeddings.
+
+    Taught in notebooks/15_scaling_out.
+    """
+    if global_batch % world_size:
+        raise ValueError(
+            f"global_batch {global_batch} must be divisible by world_size {world_size}"
+        )
+    local = global_batch // world_size
+    gib = 2**30
+    items = {
+        "G x G logits": global_batch * global_batch * bytes_per_element / gib,
+        "B x G logits\n(local_loss)": local * global_batch * bytes_per_element / gib,
+        "gathered U, V": 2 * global_batch * embed_dim * bytes_per_element / gib,
+    }
+    ax = fig.subplots()
+    bars = ax.bar(list(items), list(items.values()), color=["C3", "C0", "C2"])
+    for bar, value in zip(bars, items.values(), strict=True):
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            value,
+            f"{value:,.3g} GiB",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    if device_gib:
+        ax.axhline(device_gib, color="k", ls="--", lw=1, label=f"one GPU: {device_gib:.1f} GiB")
+        ax.legend(fontsize=8)
+    ax.set(
+        yscale="log",
+        ylabel="per process (GiB, log)",
+        title=f"G = {global_batch:,} pairs on W = {world_size} processes (B = {local:,} each), "
+        f"{bytes_per_element} bytes per number",
+    )

@@ -689,15 +689,26 @@ def sample_bank_negatives(
     own = own.long().to(similarity.device)
     if own.min() < 0 or own.max() >= C:
         raise ValueError(f"own must index the bank: values in [0, C={C})")
-    positive_float(temperature=temperature)
-    positive = F.one_hot(own, C).bool()  # (B, C)
-    if hard:
-        weights = (similarity.detach().float() / temperature).masked_fill(positive, -math.inf)
-        weights = weights.softmax(dim=1)  # (B, C)
-    else:
-        weights = (~positive).float()
+    weights = bank_negative_weights(similarity, own, hard=hard, temperature=temperature)
     drawn = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1)
     return drawn.to(similarity.device)
+
+
+def bank_negative_weights(
+    similarity: Tensor, own: Tensor, *, hard: bool = True, temperature: float = 1.0
+) -> Tensor:
+    """The (B, C) weights ``sample_bank_negatives`` draws from: softmax(similarity / T) with
+    each image's own caption at 0 (``hard``), or 1 for every other caption (uniform, unnormalised).
+
+    Taught in notebooks/07_pretraining_objectives (its explorer).
+    """
+    positive_float(temperature=temperature)
+    own = own.long().to(similarity.device)
+    positive = F.one_hot(own, similarity.shape[1]).bool()  # (B, C)
+    if hard:
+        weights = (similarity.detach().float() / temperature).masked_fill(positive, -math.inf)
+        return weights.softmax(dim=1)  # (B, C)
+    return (~positive).float()
 
 
 # --- 5. the ITM loss ---------------------------------------------------------------------------

@@ -127,6 +127,28 @@ for i in range(min(5, num_examples)):
     print(f"   Q: {scenes['question'][i]}  A: {scenes['answer'][i]}")
 
 # %% [markdown]
+# ### Explore the world
+#
+# Every scene is a function of the seed and the generator's settings. Pick a seed and a
+# number of objects per scene: the explorer draws four new scenes of the training split
+# with their canonical caption, the caption with synonyms (after ≈), and the question with
+# its answer. (Without a running Jupyter kernel you see the figure for the starting values.)
+
+# %%
+import ipywidgets as widgets
+
+from mmcourse.plotting import draw_shapes_scenes
+from mmcourse.widgets import explore
+
+explore(
+    draw_shapes_scenes,
+    figsize=(10, 3.6),
+    fixed={"image_size": image_size},
+    seed=widgets.IntSlider(value=seed, min=0, max=99, description="seed"),
+    num_objects=widgets.IntSlider(value=2, min=1, max=shapes.MAX_OBJECTS, description="objects"),
+);
+
+# %% [markdown]
 # There are 4 shapes × 6 colours = 24 shape-colour compositions. Four of them never
 # appear in the training, validation and test splits; they live only in the `heldout`
 # split. A model that recognises a "purple circle" without ever having seen one has

@@ -349,6 +349,30 @@ plt.show()
 # | audio | $(8000,)$ samples | 101 frames → $(101, J)$ |
 
 # %% [markdown]
+# ### Explore the two knobs
+#
+# The patch size $P$ sets how many tokens an image becomes, $L = (H/P)(W/P)$, and how much
+# each one holds ($P^2 C$ numbers); the number of mel bands $J$ sets how finely each audio
+# frame describes the spectrum. Move them and watch both sequences change (the same photo
+# and the same spoken "seven" as above; without a running kernel you see the figure for the
+# parameters of this run).
+
+# %%
+import ipywidgets as widgets
+
+from mmcourse.plotting import draw_patches_and_mel
+from mmcourse.widgets import explore
+
+explore(
+    draw_patches_and_mel,
+    figsize=(11, 3.6),
+    fixed={"image": image, "wave": wave, "sample_rate": sr, "n_fft": n_fft, "hop_length": hop},
+    patch_size=widgets.SelectionSlider(options=sorted({8, 14, 16, 28, 32, 56, 112, patch_size}), value=patch_size,
+                                       description="P"),
+    n_mels=widgets.IntSlider(value=n_mels, min=8, max=128, step=8, description="J (mel bands)"),
+);
+
+# %% [markdown]
 # ## 4. A first shared embedding space
 #
 # The three sequences above live in unrelated spaces: nothing makes patch vectors and

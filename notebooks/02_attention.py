@@ -769,8 +769,9 @@ plt.show()
 # weights towards an arg-max, large $\tau$ flattens them towards uniform. We recompute the
 # scores from the model's own projections and check them against its weights first.
 #
-# With a Jupyter front end the sliders redraw the figure; without one (on GitHub, or run
-# headless by papermill/nbval) the static overview below stands in for them.
+# First a static overview of six settings; then the explorer. With a Jupyter front end its
+# controls redraw its figure; without one (on GitHub, or run headless by papermill/nbval) it
+# shows the figure at its starting values with a note.
 
 # %%
 def cross_scores(scene):
@@ -785,7 +786,7 @@ def cross_scores(scene):
 torch.testing.assert_close(torch.softmax(cross_scores(0), dim=-1), test_weights[0], atol=1e-5, rtol=1e-5)
 
 
-def explore(ax, scene=0, head=0, word=0, temperature=1.0):
+def explore_head(ax, scene=0, head=0, word=0, temperature=1.0):
     weights = torch.softmax(cross_scores(scene)[head, word] / temperature, dim=-1)  # (N,)
     name = WORDS[test_words[scene, word]]
     overlay(ax, scene, weights, f'head {head}, "{name}", $\\tau$ = {temperature:g}\nlargest weight {weights.max():.2f}')
@@ -795,31 +796,31 @@ settings = [(0, 0, 1.0), (1, 0, 1.0), (0, 1, 1.0), (1, 1, 1.0), (0, 0, 0.25), (0
 scene = 1
 fig, axes = plt.subplots(1, len(settings), figsize=(2.3 * len(settings), 3.1))
 for ax, (head, word, tau) in zip(axes, settings, strict=True):
-    explore(ax, scene, head, word, tau)
+    explore_head(ax, scene, head, word, tau)
 fig.suptitle(f"Test scene {scene}: each head and word at the trained temperature, then a sharper and a flatter softmax (static overview)")
 plt.show()
 
-try:
-    import ipywidgets as widgets
-    from IPython import get_ipython
-    from IPython.display import display
+# %% [markdown]
+# The explorer itself: one figure, redrawn when you let go of a control.
 
-    has_kernel = get_ipython() is not None and hasattr(get_ipython(), "kernel")
-except ImportError:
-    has_kernel = False
-if has_kernel:
-    def _draw(scene, head, word, temperature):
-        fig, ax = plt.subplots(figsize=(3.5, 3.8))
-        explore(ax, scene, head, word, temperature)
-        plt.show()
+# %%
+import ipywidgets as widgets
 
-    display(widgets.interactive(
-        _draw,
-        scene=widgets.IntSlider(value=scene, min=0, max=len(test_words) - 1, description="scene"),
-        head=widgets.IntSlider(value=0, min=0, max=model.cross.num_heads - 1, description="head"),
-        word=widgets.Dropdown(options=[("colour word", 0), ("shape word", 1)], value=0, description="query"),
-        temperature=widgets.FloatLogSlider(value=1.0, base=10, min=-1, max=1, step=0.05, description="tau"),
-    ))
+from mmcourse.widgets import explore
+
+
+def draw_scene_head(fig, scene, head, word, temperature):
+    explore_head(fig.subplots(), scene, head, word, temperature)
+
+
+explore(
+    draw_scene_head,
+    figsize=(3.6, 3.9),
+    scene=widgets.IntSlider(value=scene, min=0, max=len(test_words) - 1, description="scene"),
+    head=widgets.IntSlider(value=0, min=0, max=model.cross.num_heads - 1, description="head"),
+    word=widgets.Dropdown(options=[("colour word", 0), ("shape word", 1)], value=0, description="query"),
+    temperature=widgets.FloatLogSlider(value=1.0, base=10, min=-1, max=1, step=0.05, description="tau"),
+);
 
 # %% [markdown]
 # ## 7. The cost: quadratic in the sequence length

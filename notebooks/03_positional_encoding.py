@@ -682,15 +682,17 @@ plt.show()
 # vector $\mathrm{PE}(i)$, sine dimensions in blue and cosine in orange. Right: how similar
 # $\mathrm{PE}(i)$ is to every other position. A small base makes all wavelengths short, so
 # distant positions start to look alike. (Without a live Jupyter front end - on GitHub, or
-# run headless - you see the figure for the default values.)
+# run headless - you see the figure for the starting values, with a note.)
 
 # %%
-from IPython.display import display
+import ipywidgets as widgets
+
+from mmcourse.widgets import explore
 
 
-def draw_explorer(position=20, width=64, base_=10000.0):
+def draw_explorer(fig, position=20, width=64, base_=10000.0):
     pe = sinusoidal_encoding(num_positions, width, base=base_)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))
+    axes = fig.subplots(1, 2)
     axes[0].bar(range(width), pe[position], color=["C0" if k % 2 == 0 else "C1" for k in range(width)])
     axes[0].set(title=f"PE(i = {position}), d_model = {width}, base = {base_:g}", xlabel="dimension $k$",
                 ylabel="value", ylim=(-1.1, 1.1))
@@ -698,30 +700,16 @@ def draw_explorer(position=20, width=64, base_=10000.0):
     axes[1].axvline(position, color="grey", lw=0.6)
     axes[1].set(title="PE(i) · PE(n) / (d/2) for every position n", xlabel="position $n$",
                 ylabel="normalised dot product", ylim=(-1.05, 1.05))
-    return fig
 
 
 start_position = min(20, num_positions - 1)
-figure = draw_explorer(start_position, d_model, base)
-handle = display(figure, display_id=True)  # a static figure: what you see without a front end
-plt.close(figure)
-try:
-    import ipywidgets as widgets
-except ImportError:  # no widgets installed: the static figure is all
-    widgets = None
-if widgets is not None:
-    position_slider = widgets.IntSlider(value=start_position, min=0, max=num_positions - 1, description="position i")
-    width_slider = widgets.IntSlider(value=d_model, min=4, max=256, step=4, description="d_model")
-    base_slider = widgets.FloatLogSlider(value=base, base=10, min=1, max=6, description="base")
-
-    def redraw(_change=None):
-        new = draw_explorer(position_slider.value, width_slider.value, base_slider.value)
-        handle.update(new)  # redraws the figure above, in place
-        plt.close(new)
-
-    for slider in (position_slider, width_slider, base_slider):
-        slider.observe(redraw, names="value")
-    display(widgets.HBox([position_slider, width_slider, base_slider]))
+explore(
+    draw_explorer,
+    figsize=(12, 3.2),
+    position=widgets.IntSlider(value=start_position, min=0, max=num_positions - 1, description="position i"),
+    width=widgets.IntSlider(value=d_model, min=4, max=256, step=4, description="d_model"),
+    base_=widgets.FloatLogSlider(value=base, base=10, min=1, max=6, description="base"),
+);
 
 # %% [markdown]
 # ## Summary

@@ -514,7 +514,41 @@ mmcourse.record("vit_cls_attention_on_object", first_share, at_least=2 * baselin
 # ones with the object: nobody told it where objects are, the classification loss alone
 # taught it. In later blocks each token has already mixed with the others, so a weight on
 # "patch $k$" no longer means "pixels of patch $k$" only; read those maps with care.
+
+# %% [markdown]
+# ### Explore: every block, every head, every query
 #
+# The maps above average the heads and show only the [CLS] row. Here you pick a test image,
+# a block, a head and the query token ([CLS] or one patch, 0 to N-1 in reading order) and
+# see that one row of the trained ViT's attention (computed once above, for the whole test
+# set; nothing is retrained). Heads of the same block often split the work: one reads the
+# object, another the background or the query's own neighbourhood.
+
+# %%
+import ipywidgets as widgets
+
+from mmcourse.plotting import draw_attention_map
+from mmcourse.widgets import explore
+
+attention_stack = torch.stack([a.cpu() for a in test_out.attentions], dim=1)  # (B, L, H, N+1, N+1)
+
+
+def draw_vit_head(fig, image, block, head, query):
+    true, guess = shapes.CLASS_NAMES[test_set["labels"][image]], shapes.CLASS_NAMES[predicted[image]]
+    draw_attention_map(fig, image=test_set["images"][image], attentions=attention_stack[image], layer=block - 1,
+                       head=head, query=query, title=f"test image {image}: predicted {guess} (true: {true})")
+
+
+explore(
+    draw_vit_head,
+    figsize=(8, 3.6),
+    image=widgets.IntSlider(value=0, min=0, max=len(attention_stack) - 1, description="test image"),
+    block=widgets.IntSlider(value=1, min=1, max=num_layers, description="block"),
+    head=widgets.IntSlider(value=0, min=0, max=num_heads - 1, description="head"),
+    query=widgets.IntSlider(value=0, min=0, max=vit_config.num_patches, description="query (0: CLS)"),
+);
+
+# %% [markdown]
 # ## 4. The audio tower
 #
 # The log-mel spectrogram of chapter 01, a $(J, M)$ image of mel bands by 10 ms frames,

@@ -627,9 +627,16 @@ for strategy, run_seed in tqdm([(s, r) for s in robust_strategies for r in seeds
 print(f"{len(robust_strategies) * num_seeds} models trained in {time.perf_counter() - sweep_start:.0f} s")
 
 # %%
+def can_predict(model, present):
+    """False when every modality the model reads is missing (a one-modality model without it)."""
+    return present is None or bool(present[list(model.config.used)].any())
+
+
 robust_rows = []
 for (strategy, p, run_seed), model in models.items():
     for condition, (inputs, present) in conditions.items():
+        if not can_predict(model, present):
+            continue  # no input left: no prediction (the table shows NaN)
         robust_rows.append(dict(strategy=strategy, p=p, seed=run_seed, condition=condition,
                                 accuracy=accuracy(model, inputs, y["test"], present=present)))
 robust = pd.DataFrame(robust_rows)
@@ -718,7 +725,66 @@ for condition, m in skip.items():
 # below the image-only model: trained only through the average, it never had to be right
 # on its own. The sum of two *separately* trained unimodal models (section 4) has no such
 # weakness - without audio it is exactly the image-only model.
+
+# %% [markdown]
+# ### Explore: degrade each sense, with and without modality dropout
 #
+# How much noise can each strategy take, and in which modality? Below, Gaussian noise of
+# standard deviation $\sigma_m$ is added to modality $m$'s standardised tokens (so
+# $\sigma = 1$ is as large as the signal), or the modality is removed ("missing"), and every
+# strategy is scored on the test set - trained on both senses, or with modality dropout.
+# Retraining is too slow for a slider, so the grid of the trained models' accuracies is
+# **precomputed** here, for the first seed's models only (15 test-set passes each); the explorer
+# only looks values up.
+
+# %%
+import ipywidgets as widgets
+
+from mmcourse.plotting import draw_accuracy_bars
+from mmcourse.widgets import explore
+
+noise_levels = [0.0, 1.0, 2.0, "missing"]
+noise_gen = torch.Generator().manual_seed(seed)
+noisy_test = [[t + s * torch.randn(t.shape, generator=noise_gen) if s != "missing" else t for s in noise_levels]
+              for t in x["test"]]  # per modality, per level: the test tokens
+grid_accuracy = {}  # (strategy, p, image level, audio level) -> accuracy
+for (strategy, p, run_seed), model in models.items():
+    if run_seed != seeds[0]:
+        continue
+    for i, image_level in enumerate(noise_levels):
+        for a, audio_level in enumerate(noise_levels):
+            if image_level == audio_level == "missing":
+                continue
+            present = torch.tensor([image_level != "missing", audio_level != "missing"])
+            if not can_predict(model, present):
+                continue
+            grid_accuracy[strategy, p, image_level, audio_level] = accuracy(
+                model, [noisy_test[0][i], noisy_test[1][a]], y["test"], present=None if present.all() else present)
+
+
+def draw_noise(fig, image_noise, audio_noise, dropout):
+    if image_noise == audio_noise == "missing":
+        fig.text(0.5, 0.5, "both senses missing: nothing left to classify", ha="center")
+        return
+    p = modality_dropout if dropout else 0.0
+    shown = [s for s in strategies if (s, p, image_noise, audio_noise) in grid_accuracy]
+    best_clean = max(grid_accuracy[s, 0.0, 0.0, 0.0] for s in strategies)
+    training = f"modality dropout p = {modality_dropout:g}" if dropout else "trained on both"
+    draw_accuracy_bars(
+        fig, accuracies={s: grid_accuracy[s, p, image_noise, audio_noise] for s in shown},
+        references={"chance": 0.1, "best clean accuracy, trained on both": best_clean},
+        title=f"image noise {image_noise}, audio noise {audio_noise}: {training} (seed {seeds[0]})")
+
+
+explore(
+    draw_noise,
+    figsize=(9, 3.8),
+    image_noise=widgets.SelectionSlider(options=noise_levels, value=1.0, description="image σ"),
+    audio_noise=widgets.SelectionSlider(options=noise_levels, value=0.0, description="audio σ"),
+    dropout=widgets.Checkbox(value=False, description=f"modality dropout p = {modality_dropout:g}"),
+);
+
+# %% [markdown]
 # ## 6. What does the cross-attention look at?
 #
 # The cross-attention model's weights show, for each image patch, which moments of the

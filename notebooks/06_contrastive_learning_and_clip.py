@@ -363,6 +363,34 @@ ax.set_title(f"Trained tiny CLIP, 12 test pairs: CLIP loss of this batch = {batc
 plt.show()
 
 # %% [markdown]
+# ### Explore: temperature and batch size
+#
+# The same trained embeddings, scored as one batch of $B$ test pairs with distinct
+# captions at a temperature $\tau$ of your choice (the model is not retrained: only the
+# loss is recomputed). Left: each image's softmax over the batch's captions, the
+# distribution the loss reads; right: this batch's CLIP loss over $\tau$. A large $\tau$
+# flattens every row towards $1/B$ and the loss towards $\log B$, however good the
+# embeddings; a larger batch gives each image more captions to beat.
+
+# %%
+import ipywidgets as widgets
+
+from mmcourse.plotting import draw_clip_batch
+from mmcourse.widgets import explore
+
+with torch.no_grad():
+    gallery_u = encode_images(clip_model, test["images"][gallery])
+    gallery_v = encode_texts(clip_model, tokenizer([test["canonical_caption"][i] for i in gallery]))
+learned_tau = 1 / clip_loss_fn.logit_scale().item()
+explore(
+    draw_clip_batch,
+    figsize=(11, 4),
+    fixed={"image_embeds": gallery_u, "text_embeds": gallery_v, "learned_tau": learned_tau},
+    batch_size=widgets.IntSlider(value=min(32, len(gallery)), min=2, max=len(gallery), description="B"),
+    tau=widgets.FloatLogSlider(value=round(learned_tau, 3), base=10, min=-2.3, max=0.3, step=0.05, description="τ"),
+);
+
+# %% [markdown]
 # ## 6. Zero-shot classification with prompts
 #
 # To classify with CLIP, write each class as a caption, a **prompt** (提示): embed
@@ -473,6 +501,30 @@ mmcourse.record("zero_shot_top1_test_max_prompt", zs_test, at_least=0.93)
 mmcourse.record("zero_shot_top1_heldout_max_prompt", zs_heldout, at_least=0.7)
 mmcourse.record("zero_shot_top1_all_classes_mean_prompt", zs["mean"][2], at_least=0.45)
 mmcourse.record("zero_shot_top1_heldout_mean_prompt", zs["mean"][1], at_least=0.3)
+
+# %% [markdown]
+# ### Explore: write your own prompt
+#
+# Type a caption; the tiny CLIP embeds it and ranks every test and held-out scene by
+# cosine similarity. Try a held-out composition ("a purple circle"), a size or a position
+# ("a large square on the left"), or a word it never saw (it becomes [UNK]).
+
+# %%
+from mmcourse.plotting import draw_retrieval
+
+prompt_images = torch.cat([test["images"], heldout["images"]])
+prompt_labels = [CLASS_NAMES[int(c)] for c in torch.cat([test["labels"], heldout["labels"]])]
+prompt_embeds = torch.cat([e for e, _ in clip_image_embeds.values()])
+
+
+def draw_prompt(fig, prompt):
+    with torch.no_grad():
+        query = encode_clip([prompt])[0]  # (E,), unit length
+    draw_retrieval(fig, images=prompt_images, scores=prompt_embeds @ query, query=prompt, k=8, labels=prompt_labels)
+
+
+explore(draw_prompt, figsize=(11, 2.3),
+        prompt=widgets.Text(value="a purple circle", description="prompt", continuous_update=False));
 
 # %% [markdown]
 # ## 7. Retrieval, both directions, and what the space looks like

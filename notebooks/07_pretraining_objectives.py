@@ -370,7 +370,64 @@ plt.show()
 # retrieval, below, gets it right far more often from the same image tokens). MLM on
 # image-caption pairs is therefore a **grounding** (视觉落地) objective: the language model
 # is forced to read the image.
+
+# %% [markdown]
+# ### Explore: the masking rate
 #
+# The models were trained at `mask_probability`; how do they do when more or fewer words
+# are hidden? Each word of 300 test captions is masked with probability $p$ (all of them as
+# [MASK]; the same draws for both models), and each model fills them in. The accuracy curve
+# is precomputed once for nine rates (one forward pass each); the slider picks a rate and shows
+# one caption masked at that rate with the image model's fill. Compare how far each curve
+# falls as more words go: the text-only model's context goes with them, the picture stays.
+
+# %%
+import ipywidgets as widgets
+
+from mmcourse.plotting import draw_masking_curve
+from mmcourse.widgets import explore
+
+mask_rates = [round(0.1 * k, 1) for k in range(1, 10)]
+probe_n = min(300, num_test)
+probe_ids, probe_attention = text["test"]["input_ids"][:probe_n], text["test"]["attention_mask"][:probe_n]
+probe_words = ~torch.isin(probe_ids, torch.tensor(special_ids))  # (n, L) maskable positions
+mask_gen = torch.Generator().manual_seed(seed)
+masks = {p: (torch.rand(probe_ids.shape, generator=mask_gen) < p) & probe_words for p in mask_rates}
+fills, mask_accuracy = {}, {name: [] for name in mlm_models}
+for p, chosen in masks.items():
+    masked_ids, _ = mask_positions(probe_ids, chosen, mask_token_id=4)
+    for name, m in mlm_models.items():
+        fill = predict_masked(m, image_tokens["test"][:probe_n] if name == "with image" else None, masked_ids,
+                              probe_attention)
+        mask_accuracy[name].append((fill[chosen] == probe_ids[chosen]).float().mean().item())
+        if name == "with image":
+            fills[p] = (masked_ids, fill)
+
+
+def show_caption(ids_row, attention_row):
+    return " ".join(tokenizer.id_to_token[int(i)] for i, a in zip(ids_row, attention_row, strict=True)
+                    if a and int(i) not in special_ids[:4])
+
+
+def draw_masking(fig, rate, caption):
+    masked_ids, fill = fills[rate]
+    chosen = masks[rate][caption]
+    shown = torch.where(chosen, fill[caption], probe_ids[caption])
+    example = [("true", show_caption(probe_ids[caption], probe_attention[caption])),
+               ("masked", show_caption(masked_ids[caption], probe_attention[caption])),
+               ("image model fills", show_caption(shown, probe_attention[caption]))]
+    draw_masking_curve(fig, rates=mask_rates, accuracies=mask_accuracy, rate=rate, trained_at=mask_probability,
+                       example=example)
+
+
+explore(
+    draw_masking,
+    figsize=(11, 3.4),
+    rate=widgets.SelectionSlider(options=mask_rates, value=0.5, description="mask rate p"),
+    caption=widgets.IntSlider(value=0, min=0, max=probe_n - 1, description="test caption"),
+);
+
+# %% [markdown]
 # ## 5. Image-text matching with hard negatives
 #
 # ITM asks a binary question about a pair: does caption $T$ describe image $I$? The fused
@@ -487,6 +544,43 @@ print(examples.to_string())
 # learn $p(\text{match}) = 1/3$ and its loss would look fine. We weight the positives ×2
 # (`positive_weight=2`), which makes the classes balanced: a pair-blind model then sits at
 # $\ln 2$.
+
+# %% [markdown]
+# ### Explore: the hard-negative pool
+#
+# What the sampler hands to ITM depends on the temperature $T$ and on the pool it draws
+# from: all 200 captions of the bank, or (as in a batch) a random subset of $K$ of them.
+# The explorer computes the sampler's exact probabilities (`bank_negative_weights`, the
+# weights `sample_bank_negatives` draws from, restricted to the pool) for every training
+# image, from the frozen ITC similarities above; nothing is retrained. Left: the expected
+# share of negatives that change 1, 2, 3 or 4 attributes; right: one image's likeliest
+# negatives, with the number of attributes each changes.
+
+# %%
+from mmcourse.plotting import draw_hard_negatives
+
+attribute_codes = {k: {v: i for i, v in enumerate(sorted({o[k] for o in bank_objects}))}
+                   for k in ("size", "colour", "shape", "position")}
+image_codes = torch.tensor([[attribute_codes[k][o[k]] for k in attribute_codes] for o in objects["train"]])  # (N, 4)
+bank_codes = torch.tensor([[attribute_codes[k][o[k]] for k in attribute_codes] for o in bank_objects])  # (C, 4)
+differing = (image_codes[:, None, :] != bank_codes[None, :, :]).sum(-1)  # (N, C)
+assert (differing[torch.arange(num_train), caption_ids] == 0).all()  # an image's own caption changes nothing
+pool_order = torch.rand(bank_sim.shape, generator=torch.Generator().manual_seed(seed)).argsort(1).argsort(1)
+
+
+def draw_pool(fig, temperature, hard, pool_size, image):
+    draw_hard_negatives(fig, similarity=bank_sim, own=caption_ids, differing=differing, temperature=temperature,
+                        hard=hard, pool=pool_order < pool_size, example_captions=all_captions, example=image)
+
+
+explore(
+    draw_pool,
+    figsize=(11, 3.6),
+    temperature=widgets.FloatLogSlider(value=itm_temperature, base=10, min=-1, max=1.5, step=0.05, description="T"),
+    hard=widgets.Checkbox(value=True, description="hard (off: uniform)"),
+    pool_size=widgets.IntSlider(value=len(all_captions), min=8, max=len(all_captions), step=8, description="pool K"),
+    image=widgets.IntSlider(value=0, min=0, max=num_train - 1, description="image"),
+);
 
 # %%
 from mmcourse.pretraining import match_log_odds, match_probability

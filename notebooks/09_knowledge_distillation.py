@@ -624,6 +624,38 @@ ax.legend(fontsize=7)
 plt.show()
 
 # %% [markdown]
+# ### Explore: the distillation temperature
+#
+# Pick a temperature $T$ and a caption of the transfer set: left, the teacher's soft label
+# $p^T$ for it (red: the true class; orange: the teacher's arg-max where it is wrong);
+# right, the test accuracy of the soft-label student ($T^2$ on), **measured** only at the
+# temperatures of the sweep above - a student per $T$ takes seconds to train, so the curve is
+# not filled in between. Watch the entropy grow with $T$ while the ranking of the classes
+# stays the same.
+
+# %%
+import ipywidgets as widgets
+
+from mmcourse.plotting import draw_soft_labels
+from mmcourse.widgets import explore
+
+teacher_logits = targets["logits"].cpu()
+measured_T = {float(T_): float(acc) for T_, acc in sweep_table["with"].items()}
+
+
+def draw_temperature(fig, temperature, caption):
+    draw_soft_labels(fig, logits=teacher_logits[caption], true=int(y_tr[caption]), names=names,
+                     temperature=temperature, measured=measured_T, caption=transfer["caption"][caption])
+
+
+explore(
+    draw_temperature,
+    figsize=(11, 3.8),
+    temperature=widgets.FloatLogSlider(value=4.0, base=2, min=-1, max=5, step=0.25, description="T"),
+    caption=widgets.IntSlider(value=shown[-1], min=0, max=len(teacher_logits) - 1, description="caption"),
+);
+
+# %% [markdown]
 # The numbers are printed above, not typed here; read them with these questions. The
 # hard-label student, with only `num_labelled` labels, never meets many of the synonyms
 # and stays far below the teacher. Every student that asks the teacher about the transfer

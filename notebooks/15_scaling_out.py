@@ -608,6 +608,30 @@ for G_m in (256, 512, 1024):
     print(f"G = {G_m:>5}: peak {peak / 2**20:6.2f} MiB = {peak / logits_bytes(G_m, 1, False):.2f} x one G x G float32 matrix")
 
 # %% [markdown]
+# ### Explore: world size, batch and precision
+#
+# Choose the global batch $G$, the number of processes $W$ and the bytes per number (4 for
+# float32, 2 for bf16): the bars are one process's G × G logits (every process builds the
+# whole matrix), its B × G block with `local_loss` (B = G / W), and the gathered image and
+# text embeddings at CLIP's width E = 768, against one H100's memory. Pure arithmetic, the
+# formula of `logits_bytes` above; nothing runs.
+
+# %%
+import ipywidgets as widgets
+
+from mmcourse.plotting import draw_logits_memory
+from mmcourse.widgets import explore
+
+explore(
+    draw_logits_memory,
+    figsize=(8, 3.6),
+    fixed={"embed_dim": 768, "device_gib": h100_gib},
+    global_batch=widgets.SelectionSlider(options=[2**k for k in range(8, 18)], value=32768, description="G"),
+    world_size=widgets.SelectionSlider(options=[2**k for k in range(0, 11)], value=8, description="W"),
+    bytes_per_element=widgets.Dropdown(options=[("float32", 4), ("bf16", 2)], value=4, description="dtype"),
+);
+
+# %% [markdown]
 # The SigLIP paper (Zhai et al. 2023) goes one step further. Its sigmoid loss treats every
 # pair on its own, so a process does not need all texts at once: the text chunks travel
 # around a ring of processes, W steps of a B × B block each, and no process ever holds
