@@ -41,6 +41,18 @@ from mmcourse.results import read_results, write_text_atomic
 logger = logging.getLogger(__name__)
 
 CHAPTER_FILE = re.compile(r"^(\d\d)_([a-z0-9_]+)\.ipynb$")
+TWIN_DIR = "py"  # notebooks/py/NN_slug.py: the jupytext twins, out of the learner's way
+TWIN_FORMATS = f"ipynb,{TWIN_DIR}//py:percent"  # the pairing in each notebook's metadata
+
+
+def twin_path(notebook: str | Path) -> Path:
+    """The jupytext ``py:percent`` twin of a chapter notebook: ``notebooks/py/NN_slug.py``.
+
+    The twins live in a subfolder so that JupyterLab's file browser shows each chapter
+    once; the pairing is ``formats: ipynb,py//py:percent`` in both files.
+    """
+    notebook = Path(notebook)
+    return notebook.parent / TWIN_DIR / f"{notebook.stem}.py"
 
 
 SEED_LIMIT = 2**64  # torch.manual_seed takes 0 .. 2**64 - 1
@@ -477,7 +489,7 @@ def choose_source(chapter: Chapter) -> str:
         ChapterError: both changed (or nothing tells which did), naming the first
             difference and the ``--from`` choices; or a file cannot be read.
     """
-    paired = chapter.path.with_suffix(".py")
+    paired = twin_path(chapter.path)
     ipynb_nb = _read_notebook(chapter.path)
     if not paired.is_file():
         return "ipynb"
@@ -544,7 +556,7 @@ def refresh_chapter(chapter: Chapter, *, timeout: int = 900, source: str | None 
 
     if source not in (None, "py", "ipynb"):
         raise ChapterError(f"source must be 'py', 'ipynb' or None, got {source!r}")
-    paired = chapter.path.with_suffix(".py")
+    paired = twin_path(chapter.path)
     ipynb_nb = _read_notebook(chapter.path)
     if not paired.is_file():
         if source == "py":

@@ -47,7 +47,7 @@ def test_notebook_is_stored_executed_without_errors(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_jupytext_pair_is_in_sync(path):
-    paired = path.with_suffix(".py")
+    paired = ch.twin_path(path)
     assert paired.is_file(), (
         f"missing jupytext pair {paired.name} (run: jupytext --sync {path.name})"
     )

@@ -66,7 +66,8 @@ def _write_chapter(folder: Path, name: str = "01_tiny", body: str | None = None)
     ]
     path = folder / f"{name}.ipynb"
     jupytext.write(nb, path)
-    jupytext.write(nb, path.with_suffix(".py"), fmt="py:percent")
+    ch.twin_path(path).parent.mkdir(exist_ok=True)
+    jupytext.write(nb, ch.twin_path(path), fmt="py:percent")
     return path
 
 
@@ -210,7 +211,7 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 def test_refresh_keeps_py_edits_after_an_autosave_and_refuses_when_both_changed(tiny):
     # case 4
-    py = tiny.with_suffix(".py")
+    py = ch.twin_path(tiny)
     chapter = ch.find_chapter("01")
     assert ch.refresh_chapter(chapter) == "ipynb"  # in sync: nothing to choose
     # the author edits the .py; Jupyter then autosaves the .ipynb (newer, same cells)
@@ -235,7 +236,7 @@ def test_refresh_keeps_py_edits_after_an_autosave_and_refuses_when_both_changed(
 
 def test_refresh_before_any_recorded_sync_compares_with_git(tiny):
     # case 4: a pair never refreshed by this version: the committed versions say what changed
-    folder, py = tiny.parent, tiny.with_suffix(".py")
+    folder, py = tiny.parent, ch.twin_path(tiny)
     chapter = ch.find_chapter("01")
     _edit(py, "value = 1  #", "value = 2  #")
     with pytest.raises(ch.ChapterError, match="nothing records their last sync"):
