@@ -86,6 +86,9 @@ def test_real_model_loads_offline_with_its_chat_template():
     assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
     chat = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     default = tokenizer.apply_chat_template(chat[1:], tokenize=False, add_generation_prompt=True)
     assert "You are a helpful AI assistant named SmolLM" in default  # the default system prompt
