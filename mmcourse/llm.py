@@ -267,6 +267,7 @@ class CausalLM(nn.Module):
         inputs_embeds: Tensor | None = None,
         attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[Tensor, KVCache]:
         """Next-token logits for every position, and the extended KV cache.
 
@@ -276,6 +277,8 @@ class CausalLM(nn.Module):
             attention_mask: (B, S) 1 for real tokens, 0 for (left) padding, over the
                 S = T_past + T positions; default all ones.
             cache: the KV cache of the T_past earlier positions, or None.
+            logits_to_keep: compute the logits of only the last this many positions
+                (generation needs one); 0 keeps all T.
 
         Returns:
             ``(logits (B, T, V) float, cache)``; the cache now covers all S positions.
@@ -326,6 +329,8 @@ class CausalLM(nn.Module):
             past = None if cache is None else cache[i]
             x, kv = layer(x, cos=cos, sin=sin, allowed=allowed, past=past)
             new_cache.append(kv)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
         return logits, tuple(new_cache)
 
@@ -333,7 +338,7 @@ class CausalLM(nn.Module):
         self, input_ids: Tensor, state: KVCache | None, attention_mask: Tensor
     ) -> tuple[Tensor, KVCache]:
         """The ``step_fn`` contract of :mod:`mmcourse.generation`: new ids + cache -> logits."""
-        return self(input_ids, attention_mask=attention_mask, cache=state)
+        return self(input_ids, attention_mask=attention_mask, cache=state, logits_to_keep=1)
 
     @classmethod
     def from_transformers(cls, model, *, attention: str = "sdpa") -> CausalLM:

