@@ -271,6 +271,10 @@ class CausalLM(nn.Module):
     ) -> tuple[Tensor, KVCache]:
         """Next-token logits for every position, and the extended KV cache.
 
+        ``forward = lm_head(hidden_states(...))``; a loss that needs only a few positions'
+        logits calls :meth:`hidden_states` and the head itself (the head is a (V, D) matmul
+        per position, V = 49152 for SmolLM2).
+
         Args:
             input_ids: (B, T) token ids of the new positions, or
             inputs_embeds: (B, T, D) their embeddings (image tokens spliced in, say).
@@ -283,6 +287,22 @@ class CausalLM(nn.Module):
         Returns:
             ``(logits (B, T, V) float, cache)``; the cache now covers all S positions.
         """
+        x, cache = self.hidden_states(
+            input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
+        )
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x).float(), cache  # (B, T, V)
+
+    def hidden_states(
+        self,
+        input_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        """The final-normed hidden states (B, T, D) and the extended cache (see :meth:`forward`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
         if input_ids is not None:
@@ -329,10 +349,7 @@ class CausalLM(nn.Module):
             past = None if cache is None else cache[i]
             x, kv = layer(x, cos=cos, sin=sin, allowed=allowed, past=past)
             new_cache.append(kv)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
-        return logits, tuple(new_cache)
+        return self.norm(x), tuple(new_cache)  # (B, T, D)
 
     def step_fn(
         self, input_ids: Tensor, state: KVCache | None, attention_mask: Tensor
