@@ -42,3 +42,26 @@ def test_greedy_continuation_is_the_same_token_for_token(smollm2):
     out = generate(ours.step_fn, ids, config=config).sequences
     assert out.shape[1] > ids.shape[1] + 3
     assert torch.equal(out, ref[:, : out.shape[1]])
+
+
+def test_encode_chat_matches_the_real_template_token_for_token(smollm2):
+    """The piecewise encoding equals tokenizing the template's rendering in one go (no
+    tokenization mismatch), and only the answers are labelled."""
+    import numpy as np
+
+    from mmcourse.data.shapes import generate_shapes
+    from mmcourse.vlm import DIALOGUE_KINDS, IGNORE_INDEX, IMAGE_TOKEN, encode_chat, make_dialogue
+
+    tokenizer = smollm2[0]
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    rng = np.random.default_rng(0)
+    for objects in generate_shapes(6)["objects"]:
+        for kind in DIALOGUE_KINDS:
+            chat = make_dialogue(objects, kind, rng)
+            ids, labels = encode_chat(tokenizer, chat, num_image_tokens=5, image_token_id=image_id)
+            text = tokenizer.apply_chat_template(chat, tokenize=False)
+            whole = tokenizer(text.replace("<image>", IMAGE_TOKEN * 5), add_special_tokens=False)
+            assert ids == whole["input_ids"]
+            answers = [m["content"] for m in chat if m["role"] == "assistant"]
+            supervised = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+            assert supervised == "".join(a + "<|im_end|>" for a in answers)
