@@ -11,6 +11,10 @@ function that adds its options to an ``argparse`` parser, and a function that ru
                                   [--width 64] [--layers 2] [--heads 4] [--projection-dim 64]
                                   [--vocab-size 64] [--text-length 16] [--warmup-steps 3]
                                   [--lr 1e-3]
+    python -m mmcourse.bench generate [--device auto] [--model tiny-llama] [--new-tokens 256]
+                                      [--prompt-length 16] [--batch 1] [--repeats 3]
+                                      [--no-recompute] [--hidden 64] [--layers 4] [--heads 4]
+                                      [--vocab-size 1024] [--seed 0]
 
 ``clip`` has two parts. (1) ``mmcourse.contrastive.clip_loss`` against ``transformers``'
 ``image_text_contrastive_loss`` on the same (G, E) embeddings, forward + backward, each
@@ -25,6 +29,15 @@ optimiser step. The towers are not identical (ours: a BERT-style text tower with
 pooling; CLIP's: a causal text tower pooled at the end token), so the table also gives
 the parameter counts.
 
+``generate`` times greedy decoding of ``--new-tokens`` tokens (no stop token) from random
+prompts with a ``transformers`` causal LM (``--model``, default ``tiny-llama``: a randomly
+initialised ``LlamaForCausalLM`` of ``--hidden``, ``--layers``, ``--heads``,
+``--vocab-size``): :func:`mmcourse.generation.generate` through ``hf_step_fn`` (the
+model's KV cache) against the model's own ``generate`` (their tokens are checked equal
+first), and ours again through ``recompute_step_fn`` (no cache: the whole prefix every
+step). One timed call is one whole decoding. Chapters add models to
+:data:`GENERATION_MODELS`.
+
 Timing: each candidate is first warmed up, then timed in blocks of calls long enough to
 beat the timer's resolution (``torch.utils.benchmark.Timer``, which also synchronises a
 GPU); the candidates of one row are timed **in turn**, block after block, so that a
@@ -32,7 +45,8 @@ slowdown of the machine hits all of them alike, and each reports the **median** 
 Only the ratios are meant to be compared; on a shared CPU the times wander.
 
 Taught in notebooks/02_attention (the cost of attention) and notebooks/15_scaling_out (the
-CLIP loss and training throughput); used again in chapter 13.
+CLIP loss and training throughput); used again in chapter 13; ``generate`` in
+notebooks/10_captioning_and_vqa and chapter 11 (the KV cache).
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ import argparse
 import logging
 import statistics
 import sys
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -622,6 +637,215 @@ def _clip_main(args: argparse.Namespace) -> None:
     print(f"throughput ratio ours / transformers: {ratio:.2f} (> 1: ours trains faster)")
 
 
+# --- the generation benchmark (python -m mmcourse.bench generate) -------------------------
+
+
+def _tiny_llama(args: argparse.Namespace) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` of the sizes in ``args`` (no stop token)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    positive_int(
+        hidden=args.hidden, layers=args.layers, heads=args.heads, vocab_size=args.vocab_size
+    )
+    if args.hidden % args.heads:
+        raise ValueError(f"heads={args.heads} must divide hidden={args.hidden}")
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=args.prompt_length + args.new_tokens,
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+# name -> a function that builds the model from the parsed options. Chapter 11 adds its own
+# (a pretrained SmolLM2) here; the timing below works for any transformers causal LM.
+GENERATION_MODELS: dict[str, Callable[[argparse.Namespace], nn.Module]] = {
+    "tiny-llama": _tiny_llama,
+}
+
+
+@dataclass
+class GenerationTimings:
+    """Seconds per greedy ``generate`` call of B prompts, ``new_tokens`` new tokens each."""
+
+    batch: int  # B prompts
+    prompt_length: int  # T0 tokens per prompt
+    new_tokens: int  # tokens generated per prompt (no stop token: always all of them)
+    ours_cached: float  # mmcourse.generation.generate with hf_step_fn (the model's KV cache)
+    transformers: float  # model.generate(do_sample=False, num_beams=1)
+    ours_recompute: float | None  # the same through recompute_step_fn (no cache); None: skipped
+
+    def tokens_per_second(self, seconds: float) -> float:
+        return self.batch * self.new_tokens / seconds
+
+
+def generation_timings(
+    model: nn.Module,
+    *,
+    prompt_length: int = 16,
+    new_tokens: int = 256,
+    batch: int = 1,
+    repeats: int = 3,
+    recompute: bool = True,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+) -> GenerationTimings:
+    """Time our cached greedy decoding against ``transformers``' ``generate`` on one model.
+
+    Both decode the same random prompts greedily for exactly ``new_tokens`` tokens (the
+    stop token is switched off); their sequences are checked equal before timing. With
+    ``recompute``, ours is also timed without the cache (:func:`~mmcourse.generation.
+    recompute_step_fn`: the whole prefix every step).
+
+    Args:
+        model: a ``transformers`` causal LM (moved to ``device``, put in eval mode).
+        prompt_length, new_tokens, batch: T0, the new tokens and B.
+        repeats: timed calls per candidate, in turn (the median is reported), after one
+            untimed call each (the equality check).
+        recompute: also time decoding without the cache.
+        device: where to run.
+        seed: for the random prompts.
+
+    Returns:
+        A :class:`GenerationTimings`.
+    """
+    import copy
+
+    from mmcourse.generation import GenerationConfig, generate, hf_step_fn, recompute_step_fn
+
+    positive_int(prompt_length=prompt_length, new_tokens=new_tokens, batch=batch, repeats=repeats)
+    device = get_device(device)
+    model = model.to(device).eval()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, prompt_length), generator=generator).to(device)
+    mask = torch.ones_like(ids)
+    theirs_config = copy.deepcopy(model.generation_config)  # the model's own stays as it was
+    theirs_config.update(
+        do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=None,
+        eos_token_id=None, top_k=None, top_p=None, temperature=None,
+    )  # fmt: skip
+    if theirs_config.pad_token_id is None:
+        theirs_config.pad_token_id = 0
+    ours_config = GenerationConfig(max_new_tokens=new_tokens)
+    step_fn, slow_step_fn = hf_step_fn(model), recompute_step_fn(hf_step_fn(model))
+
+    def ours() -> torch.Tensor:
+        return generate(step_fn, ids, attention_mask=mask, config=ours_config).sequences
+
+    def theirs() -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, generation_config=theirs_config)
+
+    def ours_recompute() -> torch.Tensor:
+        return generate(slow_step_fn, ids, attention_mask=mask, config=ours_config).sequences
+
+    ours_tokens, theirs_tokens = ours(), theirs()
+    if not torch.equal(ours_tokens, theirs_tokens):
+        raise AssertionError(
+            "our greedy decoding and transformers' generate chose different tokens"
+        )
+    candidates = {"ours": ours, "transformers": theirs}
+    if recompute:
+        differ = (ours_recompute() != ours_tokens).sum().item()
+        if differ:  # float rounding can differ between the two paths on a large model
+            logger.warning("decoding without the cache chose %d different tokens", differ)
+        candidates["recompute"] = ours_recompute
+    times = _time_long_calls(candidates, repeats=repeats, device=device)
+    return GenerationTimings(
+        batch=batch,
+        prompt_length=prompt_length,
+        new_tokens=new_tokens,
+        ours_cached=times["ours"],
+        transformers=times["transformers"],
+        ours_recompute=times.get("recompute"),
+    )
+
+
+def _time_long_calls(
+    candidates: dict[str, Callable[[], Any]], *, repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds of calls long enough to time one by one, the candidates in turn.
+
+    (:func:`time_candidates` adds warm-up calls inside ``Timer.timeit``: too many for calls
+    of a second; the callers here have already run each candidate once.)
+    """
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():  # interleaved: noise hits every candidate alike
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--model", default="tiny-llama", choices=sorted(GENERATION_MODELS), help="the model"
+    )
+    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt")
+    parser.add_argument("--prompt-length", type=int, default=16, help="T0 tokens per prompt")
+    parser.add_argument("--batch", type=int, default=1, help="B prompts decoded together")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per candidate")
+    parser.add_argument("--no-recompute", action="store_true", help="skip the no-cache timing")
+    parser.add_argument("--hidden", type=int, default=64, help="tiny-llama: hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="tiny-llama: decoder layers")
+    parser.add_argument("--heads", type=int, default=4, help="tiny-llama: attention heads")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="tiny-llama: V")
+    parser.add_argument("--seed", type=int, default=0, help="weights and prompts")
+
+
+def _generate_main(args: argparse.Namespace) -> None:
+    positive_int(new_tokens=args.new_tokens, prompt_length=args.prompt_length)
+    device = get_device(args.device)
+    model = GENERATION_MODELS[args.model](args)
+    t = generation_timings(
+        model,
+        prompt_length=args.prompt_length,
+        new_tokens=args.new_tokens,
+        batch=args.batch,
+        repeats=args.repeats,
+        recompute=not args.no_recompute,
+        device=device,
+        seed=args.seed,
+    )
+    parameters = sum(p.numel() for p in model.parameters())
+    print(
+        f"Greedy decoding, model {args.model} ({parameters:,} parameters), B={t.batch}, "
+        f"prompt {t.prompt_length} tokens, {t.new_tokens} new tokens, device {device}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} calls"
+    )
+    print("the same tokens from ours and transformers (checked before timing)")
+    header = f"{'decoder':<36} {'ms/call':>10} {'tokens/s':>10}"
+    print(header + "\n" + "-" * len(header))
+    rows = [
+        ("ours, KV cache (hf_step_fn)", t.ours_cached),
+        ("transformers generate", t.transformers),
+    ]
+    if t.ours_recompute is not None:
+        rows.append(("ours, no cache (recompute_step_fn)", t.ours_recompute))
+    for name, seconds in rows:
+        print(f"{name:<36} {seconds * 1e3:>10.1f} {t.tokens_per_second(seconds):>10.0f}")
+    print(f"ratio ours / transformers: {t.ours_cached / t.transformers:.2f} (< 1: ours is faster)")
+    if t.ours_recompute is not None:
+        print(
+            f"speed-up from the KV cache (no cache / cache): {t.ours_recompute / t.ours_cached:.2f}"
+        )
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """One sub-command of ``python -m mmcourse.bench``."""
@@ -641,6 +865,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         help="our CLIP loss and tiny CLIP training against transformers' CLIP",
         add_arguments=_clip_arguments,
         main=_clip_main,
+    ),
+    "generate": Benchmark(
+        help="our cached greedy decoding against transformers' generate, and without the cache",
+        add_arguments=_generate_arguments,
+        main=_generate_main,
     ),
 }
 

@@ -58,15 +58,25 @@ What was matched (transformers/generation/utils.py, ``_sample`` and ``_beam_sear
   worst finished hypothesis; "never" estimates the best running score at
   ``max_new_tokens`` when ``length_penalty > 0``. The n-best list is sorted by score.
 
+Differences, on purpose: (1) transformers' beam search pads finished hypotheses with
+``pad_token_id or eos_token_id[0]``, so a pad id of **0** (falsy) pads with the stop id
+instead; ours pads with the pad id that was asked for (greedy and sampling agree anyway).
+(2) Greedy decoding and sampling also return ``sequences_scores`` (the total
+log-probability of each output) and every method returns ``lengths``; ``generate`` returns
+neither there. (3) Prompts must be int64 and left-padded (transformers only warns about
+right padding, which then decodes after the padding).
+
 Axis letters: B batch (prompts), K beams, R returned sequences per prompt, T tokens, V
 vocabulary, C candidates per prompt in one beam step.
 
 Taught in notebooks/10_captioning_and_vqa (decoding a captioner) and
-notebooks/11_* (an LLM, the KV cache).
+notebooks/11_multimodal_llm (an LLM, the KV cache).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,6 +117,7 @@ class GenerationConfig:
     num_return_sequences: int = 1  # R: the n-best list (<= num_beams) or samples per prompt
     eos_token_id: int | Sequence[int] | None = None  # stop token id(s); None never stops early
     pad_token_id: int | None = None  # fills finished rows; default the first stop id
+    output_scores: bool = False  # keep the per-step (rows, V) scores in the output (memory!)
 
     def __post_init__(self) -> None:
         positive_int(max_new_tokens=self.max_new_tokens)
@@ -157,6 +168,8 @@ class GenerationConfig:
             raise ValueError("eos_token_id must be an id or a non-empty list of ids, got []")
         if self.pad_token_id is not None:
             non_negative_int(pad_token_id=self.pad_token_id)
+        if not isinstance(self.output_scores, bool):
+            raise ValueError(f"output_scores must be True or False, got {self.output_scores!r}")
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -190,14 +203,15 @@ class GenerationOutput:
     sequences: Tensor  # (B * R, T_prompt + T_gen) int64: prompt (left padding kept), then output
     sequences_scores: Tensor  # (B * R,) beam: length-penalised score; else sum of log p
     lengths: Tensor  # (B * R,) generated tokens up to and including the stop token
-    scores: tuple[
-        Tensor, ...
-    ]  # per step: greedy/sample (B * R, V) processed logits; beam (B * K, V) log p
+    scores: tuple[Tensor, ...]  # per step, with output_scores (else empty); greedy/sample:
+    # (B * R, V) processed logits, beam search: (B * K, V) log-probabilities of the live beams
+    # (what transformers returns as ``scores``)
+    prompt_length: int  # T_prompt, the (padded) prompt's length: sequences[:, :T_prompt]
 
     @property
     def generated(self) -> Tensor:
         """(B * R, T_gen) the generated part only (stop and pad tokens included)."""
-        return self.sequences[:, self.sequences.shape[1] - len(self.scores) :]
+        return self.sequences[:, self.prompt_length :]
 
 
 # --- state: expand and reorder along the batch --------------------------------------------
@@ -429,8 +443,8 @@ def _check_inputs(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     B, T = input_ids.shape
     if B == 0 or T == 0:
         raise ValueError(
-            f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; every prompt needs at "
-            "least one token (e.g. a BOS token)"
+            f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; expected at least one "
+            "prompt of at least one token (e.g. a BOS token)"
         )
     if (input_ids < 0).any():
         raise ValueError("input_ids must be >= 0 (token ids)")
@@ -516,14 +530,15 @@ def _greedy_or_sample(
     _check_vocab(input_ids, logits.shape[-1], config)
     for step in range(config.max_new_tokens):
         processed = process_logits(logits, config)  # (B, V)
-        scores.append(processed)
+        if config.output_scores:
+            scores.append(processed)
         if config.do_sample:
             probs = processed.softmax(dim=-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
         else:
             token = processed.argmax(dim=-1)  # (B,)
         log_p = logits.log_softmax(dim=-1).gather(1, token[:, None]).squeeze(1)
-        sum_log_probs += log_p * unfinished
+        sum_log_probs += torch.where(unfinished, log_p, 0.0)  # finished rows add nothing
         lengths += unfinished.long()
         if eos.numel():
             token = torch.where(unfinished, token, torch.full_like(token, fill))
@@ -538,6 +553,7 @@ def _greedy_or_sample(
         sequences_scores=sum_log_probs,
         lengths=lengths,
         scores=tuple(scores),
+        prompt_length=input_ids.shape[1],
     )
 
 
@@ -658,7 +674,8 @@ def _beam_search(
     for step in range(config.max_new_tokens):
         cur_len = T0 + step
         log_probs = logits.log_softmax(dim=-1)  # (B * K, V)
-        scores.append(log_probs)
+        if config.output_scores:
+            scores.append(log_probs)
         # 2) the C best extensions of all beams
         cand = beam_step(log_probs, running_scores, num_candidates=C)  # (B, C)
         cand_seqs = torch.cat([_gather(running, cand.beam), cand.token[:, :, None]], dim=2)
@@ -713,6 +730,7 @@ def _beam_search(
         sequences_scores=finished_scores[:, :R].reshape(B * R),
         lengths=lengths,
         scores=tuple(scores),
+        prompt_length=T0,
     )
 
 
@@ -815,10 +833,8 @@ def hf_step_fn(model: Any) -> StepFn:
     Returns:
         ``step_fn(input_ids, state, attention_mask) -> (logits (B, 1, V), cache)``.
 
-    Taught in notebooks/11_*.
+    Taught in notebooks/11_multimodal_llm.
     """
-    import inspect
-
     keeps_last = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def step_fn(input_ids: Tensor, state: Any, attention_mask: Tensor) -> tuple[Tensor, Any]:
@@ -870,7 +886,7 @@ def recompute_step_fn(step_fn: StepFn) -> StepFn:
     Returns:
         A step function with the same contract.
 
-    Taught in notebooks/11_* (the KV cache).
+    Taught in notebooks/11_multimodal_llm (the KV cache).
     """
 
     def recompute(input_ids: Tensor, state: Any, attention_mask: Tensor) -> tuple[Tensor, Any]:
@@ -880,8 +896,7 @@ def recompute_step_fn(step_fn: StepFn) -> StepFn:
         else:  # the first call: state is the caller's initial state
             prefix, initial = input_ids, state
         # a fresh copy of the initial state: step_fn may change a cache object in place
-        fresh = expand_state(_clone_state(initial), 1)
-        logits, _ = step_fn(prefix, fresh, attention_mask)
+        logits, _ = step_fn(prefix, _clone_state(initial), attention_mask)
         T_new = input_ids.shape[1]
         return logits[:, -min(T_new, logits.shape[1]) :], _RecomputeState(prefix, initial)
 
@@ -896,6 +911,4 @@ def _clone_state(state: Any) -> Any:
         return {key: _clone_state(value) for key, value in state.items()}
     if isinstance(state, (tuple, list)) and not hasattr(state, "_fields"):
         return type(state)(_clone_state(value) for value in state)
-    import copy
-
     return copy.deepcopy(state)
