@@ -187,6 +187,7 @@ def test_answers_are_normalised_and_pope_is_counted():
                 )
 
 
+@pytest.mark.slow
 def test_tower_pretraining_and_one_batch_overfit(tok, scenes):
     """Stage 0 trains the tower on region attributes; stage 2 (LoRA + projector) overfits a batch."""
     model = tiny_vlm(tok)
