@@ -523,7 +523,7 @@ def vqa_question(objects: list[dict[str, Any]], kind: str, rng: np.random.Genera
         absent = [p for p in TRAIN_PAIRS if p not in present]
         shape, colour = absent[rng.integers(len(absent))]
         answer = "no"
-    return f"Is there a {colour} {shape}?", answer
+    return f"Is there a {colour} {shape} in the image?", answer
 
 
 QUESTION_KINDS = ("colour", "shape", "count", "exists")
