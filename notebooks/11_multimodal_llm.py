@@ -321,9 +321,9 @@ image_id = tokenizer.convert_tokens_to_ids(vlm.IMAGE_TOKEN)
 n_img = tower.config.num_image_tokens
 example = vlm.make_dialogue(scenes["objects"][0], "conversation", rng)
 ids, labels = vlm.encode_chat(tokenizer, example, num_image_tokens=n_img, image_token_id=image_id)
-rows = [(tokenizer.convert_ids_to_tokens(i), "image" if i == image_id else "", "" if l == vlm.IGNORE_INDEX else "supervised")
-        for i, l in zip(ids, labels)]
-print(f"{len(ids)} tokens, {sum(l != vlm.IGNORE_INDEX for l in labels)} supervised:")
+rows = [(tokenizer.convert_ids_to_tokens(i), "image" if i == image_id else "", "" if lab == vlm.IGNORE_INDEX else "supervised")
+        for i, lab in zip(ids, labels, strict=True)]
+print(f"{len(ids)} tokens, {sum(lab != vlm.IGNORE_INDEX for lab in labels)} supervised:")
 print(" ".join(f"[{t}]" if s else t for t, _, s in rows).replace("Ċ", "\\n").replace("Ġ", " "))
 assert all(labels[i] == vlm.IGNORE_INDEX for i, t in enumerate(ids) if t == image_id)
 
@@ -390,7 +390,9 @@ for i, objects in enumerate(test["objects"]):
         qa = vlm.vqa_question(objects, kind, qrng)
         if qa is not None:
             break
-    kinds.append(kind); questions.append(qa[0]); answers.append(qa[1])
+    kinds.append(kind)
+    questions.append(qa[0])
+    answers.append(qa[1])
 kinds = np.array(kinds)
 
 
@@ -398,7 +400,7 @@ def vqa_scores(feats=None, step_model=None):
     """Accuracy per question kind and overall; feats None asks without the image."""
     chats = [vlm.question_chat(q, image=feats is not None) for q in questions]
     replies = vlm.generate_replies(step_model or model, tokenizer, chats, image_features=feats, max_new_tokens=4)
-    correct = np.array([vlm.exact_match(r, a) for r, a in zip(replies, answers)])
+    correct = np.array([vlm.exact_match(r, a) for r, a in zip(replies, answers, strict=True)])
     scores = {k: correct[kinds == k].mean() for k in vlm.QUESTION_KINDS}
     scores["all"] = correct.mean()
     return scores, replies
@@ -472,7 +474,7 @@ general = [vlm.generate_replies(model, tokenizer, [c], max_new_tokens=16)[0] for
 
 drng = np.random.default_rng(seed + 3)
 mix = drng.choice(vlm.DIALOGUE_KINDS, size=num_train, p=[0.7, 0.15, 0.15])  # mostly short answers
-dialogues = [vlm.make_dialogue(o, k, drng) for o, k in zip(scenes["objects"], mix)]
+dialogues = [vlm.make_dialogue(o, k, drng) for o, k in zip(scenes["objects"], mix, strict=True)]
 print("a", mix[1], "dialogue:", dialogues[1][1:])
 apply_lora(model.lm, target_modules=vlm.LORA_TARGETS, r=lora_r, alpha=lora_alpha)
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -503,7 +505,7 @@ table = pd.DataFrame({"LM alone, no image": blind_lm, "after stage 1": after_sta
 display(table.round(3))
 se = np.sqrt(tuned["all"] * (1 - tuned["all"]) / num_test)
 print(f"tuned accuracy {tuned['all']:.3f} +- {se:.3f} (binomial standard error over {num_test} questions)")
-print("sample replies:", list(zip(questions[:4], tuned_replies[:4])))
+print("sample replies:", list(zip(questions[:4], tuned_replies[:4], strict=True)))
 
 # %%
 best_blind = max(blind_lm["all"], blind_tuned["all"])
@@ -557,7 +559,7 @@ kl = (logp_before.exp() * (logp_before - logp_after)).sum(-1).mean().item()
 entropy = -(logp_before.exp() * logp_before).sum(-1).mean().item()
 print(f"KL(original || tuned) = {kl:.3f} nats per position; entropy of the original = {entropy:.3f} nats")
 mmcourse.record("text_only_kl_after_tuning", kl, at_most=entropy)
-for prompt, before in zip(text_prompts[:2], general):
+for prompt, before in zip(text_prompts[:2], general, strict=True):
     after = vlm.generate_replies(model, tokenizer, [text_chats[text_prompts.index(prompt)]], max_new_tokens=16)[0]
     print(f"Q: {prompt}\n  before: {before}\n  after : {after}")
 
@@ -616,7 +618,7 @@ with torch.no_grad():
     h_v = model.projector(test_feats[:1].to(device))[0]  # (5, D)
     sims = F.normalize(h_v, dim=-1) @ F.normalize(model.lm.embed_tokens.weight, dim=-1).T
 print("scene:", test["canonical_caption"][0])
-for r, row in zip(POSITIONS, sims):
+for r, row in zip(POSITIONS, sims, strict=True):
     print(f"  {r:>6}: " + ", ".join(repr(tokenizer.decode([int(t)])) for t in row.topk(4).indices))
 
 
@@ -629,7 +631,9 @@ def ask(scene_index, question_):
 
 scene = 3
 fig, ax = plt.subplots(figsize=(2, 2))
-ax.imshow(test["images"][scene]); ax.set_axis_off(); plt.show()
+ax.imshow(test["images"][scene])
+ax.set_axis_off()
+plt.show()
 for q in ["Describe the image in detail.", "What colour is the " + test["objects"][scene][0]["shape"] + "? " + vlm.ANSWER_IN_ONE_WORD,
           "How many objects are there? " + vlm.ANSWER_IN_ONE_WORD]:
     print(f"user: {q}\nassistant: {ask(scene, q)}")
@@ -645,7 +649,9 @@ if widgets is not None:
     def on_submit(_):
         with out:
             out.clear_output()
-            plt.imshow(test["images"][pick.value]); plt.axis("off"); plt.show()
+            plt.imshow(test["images"][pick.value])
+            plt.axis("off")
+            plt.show()
             print("assistant:", ask(pick.value, box.value))
 
     button = widgets.Button(description="ask")
