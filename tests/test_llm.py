@@ -141,6 +141,7 @@ def test_bad_inputs_are_refused():
         sequence_log_prob(torch.zeros(1, 3, 5), torch.full((1, 3), -100))
 
 
+@pytest.mark.slow
 def test_one_batch_overfit():
     torch.manual_seed(0)
     from mmcourse.train import TrainConfig, fit
