@@ -679,8 +679,16 @@ def _tiny_llama(args: argparse.Namespace) -> nn.Module:
 
 # name -> a function that builds the model from the parsed options. Chapter 11 adds its own
 # (a pretrained SmolLM2) here; the timing below works for any transformers causal LM.
+def _smollm2(args: argparse.Namespace) -> nn.Module:
+    """SmolLM2-135M-Instruct from the bundled GGUF file (chapter 11), hash-checked, offline."""
+    from mmcourse.pretrained import load_language_model
+
+    return load_language_model()[1]
+
+
 GENERATION_MODELS: dict[str, Callable[[argparse.Namespace], nn.Module]] = {
     "tiny-llama": _tiny_llama,
+    "smollm2": _smollm2,
 }
 
 

