@@ -111,7 +111,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mmcourse.pretrained import ModelFileError, default_model_path, verify_model_files
+    from mmcourse.pretrained import (
+        ModelFileError,
+        default_language_model_path,
+        default_model_path,
+        verify_language_model_file,
+        verify_model_files,
+    )
     from mmcourse.utils import get_device
 
     ok = True
@@ -123,6 +129,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "datasets",
         "peft",
         "accelerate",
+        "sacrebleu",
+        "gguf",
         "papermill",
         "jupyterlab",
         "numpy",
@@ -139,6 +147,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"text encoder  OK, SHA-256 verified: {', '.join(verified)} ({path})")
     except ModelFileError as err:
         print(f"text encoder  PROBLEM: {err}")
+        ok = False
+    try:
+        gguf = default_language_model_path()
+        verify_language_model_file(gguf)
+        print(f"language model OK, SHA-256 verified ({gguf})")
+    except ModelFileError as err:
+        print(f"language model PROBLEM: {err}")
         ok = False
     espeak = shutil.which("espeak-ng")
     if espeak:

@@ -433,6 +433,7 @@ def test_doctor_says_which_files_it_verified(capsys):
     for name in ("config.json", "tokenizer.json", "model.safetensors", "vocab.txt"):
         assert name in out
     assert "spoken digits OK, SHA-256 verified" in out
+    assert "language model OK, SHA-256 verified" in out and "SmolLM2-135M-Instruct" in out
 
 
 def test_the_shipped_spoken_digits_are_hash_checked(tmp_path, monkeypatch):
