@@ -48,8 +48,8 @@ from mmcourse.encoders import (
     FeedForward,
     ViTConfig,
     ViTEncoder,
-    _activation_name,
     _init_weights,
+    load_from_torch_layer,
 )
 from mmcourse.utils import fraction, one_of, positive_int
 
@@ -221,32 +221,7 @@ def load_from_torch_decoder_layer(block: DecoderBlock, layer: nn.TransformerDeco
 
     Taught in notebooks/10_captioning_and_vqa.
     """
-    D = block.norm1.normalized_shape[0]
-    checks = [
-        ("width", layer.linear1.in_features, D),
-        ("FFN width", layer.linear1.out_features, block.ffn.linear1.out_features),
-        ("num_heads", layer.self_attn.num_heads, block.self_attn.num_heads),
-        ("norm_first", layer.norm_first, block.norm_first),
-        ("layer_norm_eps", layer.norm1.eps, block.norm1.eps),
-        ("activation", _activation_name(layer.activation), _activation_name(block.ffn.activation)),
-    ]
-    for name, theirs, ours in checks:
-        if theirs != ours:
-            raise ValueError(f"cannot copy: the torch layer has {name}={theirs}, the block {ours}")
-    block.self_attn.load_state_dict(MultiHeadAttention.from_torch(layer.self_attn).state_dict())
-    block.multihead_attn.load_state_dict(
-        MultiHeadAttention.from_torch(layer.multihead_attn).state_dict()
-    )
-    pairs = [
-        (block.ffn.linear1, layer.linear1),
-        (block.ffn.linear2, layer.linear2),
-        (block.norm1, layer.norm1),
-        (block.norm2, layer.norm2),
-        (block.norm3, layer.norm3),
-    ]
-    for ours, theirs in pairs:
-        ours.weight.copy_(theirs.weight)
-        ours.bias.copy_(theirs.bias)
+    load_from_torch_layer(block, layer)
 
 
 # --- the captioner -------------------------------------------------------------------------

@@ -208,36 +208,42 @@ def _activation_name(activation) -> str:
 
 
 @torch.no_grad()
-def load_from_torch_layer(block: TransformerBlock, layer: nn.TransformerEncoderLayer) -> None:
-    """Copy the weights of an ``nn.TransformerEncoderLayer`` into a :class:`TransformerBlock`.
+def load_from_torch_layer(
+    block: nn.Module, layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer
+) -> None:
+    """Copy the weights of an ``nn.TransformerEncoderLayer`` into a :class:`TransformerBlock`
+    (or of an ``nn.TransformerDecoderLayer`` into a block with cross-attention).
 
     The mapping (D = width)::
 
-        torch layer                          TransformerBlock
+        torch layer                          block
         self_attn.in_proj_weight[0:D]    ->  self_attn.q_proj.weight     (W^Q)
         self_attn.in_proj_weight[D:2D]   ->  self_attn.k_proj.weight     (W^K)
         self_attn.in_proj_weight[2D:3D]  ->  self_attn.v_proj.weight     (W^V)
         self_attn.in_proj_bias           ->  the three biases, split the same way
         self_attn.out_proj               ->  self_attn.out_proj          (W^O)
+        multihead_attn (decoder only)    ->  multihead_attn, split the same way
         linear1, linear2                 ->  ffn.linear1, ffn.linear2    (W1, b1), (W2, b2)
-        norm1, norm2                     ->  norm1, norm2
+        norm1, norm2 (, norm3)           ->  norm1, norm2 (, norm3)
 
     Args:
-        block: the destination; its sizes, ``norm_first``, activation and LayerNorm epsilon
-            must match the layer's (otherwise the copy would compute something else).
+        block: the destination; its sizes, ``norm_first`` (a block without that attribute
+            is post-norm), activation and LayerNorm epsilon must match the layer's
+            (otherwise the copy would compute something else).
         layer: the source; built with ``batch_first=True`` to take the same inputs.
 
     Raises:
         ValueError: naming the first setting that differs.
 
-    Taught in notebooks/04_transformer_encoders.
+    Taught in notebooks/04_transformer_encoders (and, for the decoder layer,
+    notebooks/07_pretraining_objectives and notebooks/10_captioning_and_vqa).
     """
     D = block.norm1.normalized_shape[0]
     checks = [
         ("width", layer.linear1.in_features, D),
         ("FFN width", layer.linear1.out_features, block.ffn.linear1.out_features),
         ("num_heads", layer.self_attn.num_heads, block.self_attn.num_heads),
-        ("norm_first", layer.norm_first, block.norm_first),
+        ("norm_first", layer.norm_first, getattr(block, "norm_first", False)),
         ("layer_norm_eps", layer.norm1.eps, block.norm1.eps),
     ]
     for name, theirs, ours in checks:
@@ -246,15 +252,23 @@ def load_from_torch_layer(block: TransformerBlock, layer: nn.TransformerEncoderL
     theirs_act = _activation_name(layer.activation)
     ours_act = _activation_name(block.ffn.activation)
     if theirs_act != ours_act:
-        raise ValueError(f"cannot copy: the torch layer uses {theirs_act}, the block {ours_act}")
+        raise ValueError(
+            f"cannot copy: the activation differs: the torch layer uses {theirs_act}, "
+            f"the block {ours_act}"
+        )
     # the attention's split of in_proj into W^Q, W^K, W^V is MultiHeadAttention.from_torch's
-    block.self_attn.load_state_dict(MultiHeadAttention.from_torch(layer.self_attn).state_dict())
+    attentions = [(block.self_attn, layer.self_attn)]
     pairs = [
         (block.ffn.linear1, layer.linear1),
         (block.ffn.linear2, layer.linear2),
         (block.norm1, layer.norm1),
         (block.norm2, layer.norm2),
     ]
+    if isinstance(layer, nn.TransformerDecoderLayer):
+        attentions.append((block.multihead_attn, layer.multihead_attn))
+        pairs.append((block.norm3, layer.norm3))
+    for ours, theirs in attentions:
+        ours.load_state_dict(MultiHeadAttention.from_torch(theirs).state_dict())
     for ours, theirs in pairs:
         ours.weight.copy_(theirs.weight)
         ours.bias.copy_(theirs.bias)

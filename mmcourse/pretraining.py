@@ -48,8 +48,8 @@ from mmcourse.encoders import (
     TransformerBlock,
     ViTConfig,
     ViTEncoder,
-    _activation_name,
     _init_weights,
+    load_from_torch_layer,
 )
 from mmcourse.utils import fraction, non_negative_int, one_of, positive_float, positive_int
 
@@ -364,33 +364,7 @@ def load_from_torch_decoder_layer(
 
     Taught in notebooks/07_pretraining_objectives.
     """
-    D = block.norm1.normalized_shape[0]
-    checks = [
-        ("width", layer.linear1.in_features, D),
-        ("FFN width", layer.linear1.out_features, block.ffn.linear1.out_features),
-        ("num_heads", layer.self_attn.num_heads, block.self_attn.num_heads),
-        ("norm_first", layer.norm_first, False),
-        ("layer_norm_eps", layer.norm1.eps, block.norm1.eps),
-        ("activation", _activation_name(layer.activation), _activation_name(block.ffn.activation)),
-    ]
-    for name, theirs, ours in checks:
-        if theirs != ours:
-            raise ValueError(f"cannot copy: the torch layer has {name}={theirs}, the block {ours}")
-    for ours, theirs in (
-        (block.self_attn, layer.self_attn),
-        (block.multihead_attn, layer.multihead_attn),
-    ):
-        ours.load_state_dict(MultiHeadAttention.from_torch(theirs).state_dict())
-    pairs = [
-        (block.ffn.linear1, layer.linear1),
-        (block.ffn.linear2, layer.linear2),
-        (block.norm1, layer.norm1),
-        (block.norm2, layer.norm2),
-        (block.norm3, layer.norm3),
-    ]
-    for ours, theirs in pairs:
-        ours.weight.copy_(theirs.weight)
-        ours.bias.copy_(theirs.bias)
+    load_from_torch_layer(block, layer)
 
 
 @dataclass
