@@ -53,7 +53,7 @@ tower_dim = 64  # width D_v of the ViT (full: 128)
 image_tokens = "regions"  # "regions": 5 tokens, one per region; "patches": 16 (full: patches)
 projector_kind = "mlp"  # "mlp" (LLaVA-1.5) or "linear" (LLaVA)
 stage1_steps = 15  # projector-alignment steps on captions (full: 300)
-stage2_steps = 50  # instruction-tuning steps with LoRA (full: 1000)
+stage2_steps = 40  # instruction-tuning steps with LoRA (full: 1000)
 batch_size = 16  # conversations per step of stages 1 and 2 (full: 64)
 lora_r = 8  # LoRA rank r
 lora_alpha = 16  # LoRA alpha (scale alpha / r)
@@ -543,7 +543,7 @@ mmcourse.record("pope_yes_ratio", pope_yes, at_least=0.15, at_most=0.85)  # neit
 # the 0.5 of a coin, with a yes ratio near 0.5 - it does not hallucinate "yes" more than
 # "no", but it cannot yet check whether a colour-shape pair is in the image. Presence is
 # a conjunction of two attributes in one region token, which the colour and shape
-# questions (one attribute given, one asked) do not need; 50 steps do not teach it. The
+# questions (one attribute given, one asked) do not need; the few steps here do not teach it. The
 # parameter cell's GPU sizes are where to look for the effect.
 #
 # ### What tuning cost the LM on text
@@ -641,7 +641,9 @@ try:
     import ipywidgets as widgets
 except ImportError:  # no widgets: the scripted conversation above is all
     widgets = None
-if widgets is not None:
+from mmcourse.widgets import frontend_attached  # headless runs store only the conversation
+
+if widgets is not None and frontend_attached():
     pick = widgets.IntSlider(value=scene, min=0, max=num_test - 1, description="scene")
     box = widgets.Text(value="Describe the image in detail.", description="you:")
     out = widgets.Output()

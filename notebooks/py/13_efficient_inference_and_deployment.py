@@ -415,7 +415,9 @@ try:
     from IPython import get_ipython
     from IPython.display import display
 
-    has_kernel = get_ipython() is not None and hasattr(get_ipython(), "kernel")
+    from mmcourse.widgets import frontend_attached
+
+    has_kernel = frontend_attached()  # a live front end; headless runs store only the figure
 except ImportError:
     has_kernel = False
 if has_kernel:

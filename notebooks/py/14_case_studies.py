@@ -1300,7 +1300,9 @@ try:
     import ipywidgets as widgets
 except ImportError:  # no widgets installed: the static figure is all
     widgets = None
-if widgets is not None:
+from mmcourse.widgets import frontend_attached  # headless runs store only the figure
+
+if widgets is not None and frontend_attached():
     box = widgets.Text(value="show me a huge blue box", description="query", continuous_update=False,
                        layout=widgets.Layout(width="60%"))
 
