@@ -540,8 +540,9 @@ mmcourse.record("pope_yes_ratio", pope_yes, at_least=0.15, at_most=0.85)  # neit
 
 # %% [markdown]
 # Read the table honestly: at the CPU sizes the tuned model's POPE accuracy is close to
-# the 0.5 of a coin, with a yes ratio near 0.5 - it does not hallucinate "yes" more than
-# "no", but it cannot yet check whether a colour-shape pair is in the image. Presence is
+# the 0.5 of a coin. Its yes ratio, printed above next to the truth's 0.5, says which way it
+# errs - below 0.5 it answers "no" too often, above it hallucinates "yes" - but either way it
+# cannot yet check whether a colour-shape pair is in the image. Presence is
 # a conjunction of two attributes in one region token, which the colour and shape
 # questions (one attribute given, one asked) do not need; the few steps here do not teach it. The
 # parameter cell's GPU sizes are where to look for the effect.
