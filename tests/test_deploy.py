@@ -179,11 +179,11 @@ def test_kv_cache_bytes_equal_the_cache_transformers_keeps():
 
 
 def test_smollm2_file_is_hash_checked(monkeypatch):
-    path = deploy.smollm2_path()
-    assert path.name == deploy.SMOLLM2_FILE
-    monkeypatch.setattr(deploy, "sha256_file", lambda _: "0" * 64)
-    with pytest.raises(deploy.ModelFileError, match="not the file this course was written for"):
-        deploy.smollm2_path()
+    from mmcourse import pretrained
+
+    monkeypatch.setattr(pretrained, "sha256_file", lambda _: "0" * 64)
+    with pytest.raises(pretrained.ModelFileError, match="corrupted or not the official one"):
+        deploy.load_smollm2()
 
 
 # --- export: ONNX and checkpoints ---------------------------------------------------------
