@@ -262,15 +262,13 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 
 def _cycle(batches: Iterable) -> Iterator:
     """Iterate ``batches`` again and again (a DataLoader reshuffles at each pass)."""
-    first_pass = 0
-    passes = 0
+    first_pass = None  # batches in the first pass
     while True:
         count = 0
         for batch in batches:
             count += 1
             yield batch
-        passes += 1
-        if passes == 1:
+        if first_pass is None:
             first_pass = count
         if count == 0 and first_pass == 0:
             raise ValueError("train_batches is empty: fit needs at least one batch")
