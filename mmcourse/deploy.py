@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcourse.attention import scaled_dot_product_attention
+from mmcourse.generation import GenerationConfig, generate, hf_step_fn, recompute_step_fn
 from mmcourse.pretrained import load_language_model
 from mmcourse.utils import get_device, non_negative_int, positive_int
 
@@ -661,9 +662,9 @@ def greedy_decode(
     token and attends to the cached keys and values.
 
     Args:
-        model: a causal LM called as ``model(input_ids, past_key_values=..., use_cache=...)``
-            returning ``.logits`` (B, N, V) and ``.past_key_values``: a ``transformers``
-            model here; chapter 11's decoder slots in the same way.
+        model: a ``transformers`` causal LM, decoded by :func:`mmcourse.generation.generate`
+            through :func:`~mmcourse.generation.hf_step_fn` (its own KV cache) or, without
+            the cache, :func:`~mmcourse.generation.recompute_step_fn`; each step is timed.
         prompt_ids: (1, N) token ids.
         max_new_tokens: T, tokens to generate (no early stop at an end token, so that both
             paths do the same work).
@@ -678,21 +679,19 @@ def greedy_decode(
     positive_int(max_new_tokens=max_new_tokens)
     if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
         raise ValueError(f"expected prompt_ids of shape (1, N), got {tuple(prompt_ids.shape)}")
-    ids = prompt_ids
-    past = None
+    step = hf_step_fn(model)  # the model's own KV cache
+    if not use_cache:
+        step = recompute_step_fn(step)  # (1, N + t): the whole sequence every step
     result = DecodeResult(tokens=[])
-    for _ in range(max_new_tokens):
+
+    def timed_step(input_ids: Tensor, state: Any, attention_mask: Tensor) -> tuple[Tensor, Any]:
         start = time.perf_counter()
-        if use_cache:
-            step_ids = ids if past is None else ids[:, -1:]  # (1, N) then (1, 1)
-            out = model(step_ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-        else:
-            out = model(ids, use_cache=False)  # (1, N + t): the whole sequence every step
-        next_id = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-        ids = torch.cat([ids, next_id], dim=1)
+        out = step(input_ids, state, attention_mask)
         result.step_s.append(time.perf_counter() - start)
-        result.tokens.append(int(next_id))
+        return out
+
+    out = generate(timed_step, prompt_ids, config=GenerationConfig(max_new_tokens=max_new_tokens))
+    result.tokens = out.generated[0].tolist()
     return result
 
 

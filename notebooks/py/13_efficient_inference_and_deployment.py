@@ -503,13 +503,14 @@ plt.show()
 # $$M_{KV} = 2 \times n_{\text{layers}} \times n_{\text{kv heads}} \times d_{\text{head}} \times T \times B \times \text{bytes per value},$$
 #
 # (2 for K and V; with grouped-query attention only the KV heads are cached). Chapter 11
-# builds a Llama decoder from scratch and equals `transformers` on SmolLM2-135M's weights;
-# until then we use `transformers`' Llama. With `llm="random"` (the default, to keep the
+# builds a Llama decoder from scratch that equals `transformers` on SmolLM2-135M's weights;
+# here we time `transformers`' Llama. With `llm="random"` (the default, to keep the
 # chapter fast) it is a randomly initialised Llama with SmolLM2's layer sizes (width 576,
 # 9 heads, 3 KV heads, vocabulary 49,152) and `llm_layers` layers: a layer costs the same
 # with random weights, but its text is gibberish. `llm="smollm2"` loads the real weights
-# (hash-checked) and decodes a real answer. Our `deploy.greedy_decode` is checked against
-# `model.generate` on the same weights; chapter 11's decoder plugs into it unchanged.
+# (hash-checked) and decodes a real answer. Our `deploy.greedy_decode` decodes through
+# chapter 10's `mmcourse.generation` (the model's own cache, or the whole prefix recomputed)
+# and is checked against `model.generate` on the same weights.
 
 # %%
 if llm == "smollm2":
