@@ -314,6 +314,51 @@ def draw_retrieval(
     fig.suptitle(f'the {len(top)} images closest to "{query}" (cosine similarity)')
 
 
+def draw_word_attention(
+    fig: plt.Figure,
+    *,
+    image: torch.Tensor,
+    words: Sequence[str],
+    weights: torch.Tensor,
+    grid: int,
+    title: str = "",
+    max_words: int = 12,
+) -> None:
+    """An image, then one copy per generated word with that word's attention over the patches.
+
+    Args:
+        image: (3, H, W) image in [0, 1].
+        words: the generated words, in order.
+        weights: (T, grid * grid) attention of each word over the image patches, T >= shown words.
+        grid: patches per side.
+        title: the figure's title.
+        max_words: at most this many words are drawn.
+
+    Taught in notebooks/10_captioning_and_vqa.
+    """
+    n = min(len(words), max_words)
+    if weights.dim() != 2 or weights.shape[0] < n or weights.shape[1] != grid * grid:
+        raise ValueError(
+            f"weights must be (T >= {n}, grid * grid = {grid * grid}), got {tuple(weights.shape)}"
+        )
+    picture = _to_hwc(image)
+    height, width = picture.shape[:2]
+    axes = np.atleast_1d(fig.subplots(1, n + 1))
+    axes[0].imshow(picture)
+    axes[0].set_title("image", fontsize=8)
+    for ax, t in zip(axes[1:], range(n), strict=True):
+        heat = weights[t].view(grid, grid).float().numpy()
+        ax.imshow(picture)
+        ax.imshow(
+            heat, cmap="magma", alpha=0.6, extent=(0, width, height, 0), vmin=0, vmax=max(1e-6, heat.max())
+        )
+        ax.set_title(f'"{words[t]}"', fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+
+
 def draw_hard_negatives(
     fig: plt.Figure,
     *,

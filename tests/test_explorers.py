@@ -230,3 +230,27 @@ def test_ch08_trainable_parameters(fig):
         widths = sorted(b.get_width() for b in fig.axes[0].patches)
         assert widths == sorted(counts.values())
         assert len(fig.axes[1].collections) == 2
+
+
+def test_ch10_word_attention_one_panel_per_word(fig):
+    image = torch.rand(3, 32, 32)
+    weights = torch.softmax(torch.randn(5, 16), dim=1)
+    plotting.draw_word_attention(
+        fig, image=image, words=["a", "red", "circle"], weights=weights, grid=4, title="t"
+    )
+    assert len(fig.axes) == 4 and '"red"' in titles(fig) and "t" in titles(fig)
+    heat = fig.axes[2].images[1].get_array()
+    assert heat.shape == (4, 4) and np.allclose(heat.ravel(), weights[1].numpy())
+    fig.clear()
+    plotting.draw_word_attention(fig, image=image, words=["w"] * 20, weights=torch.rand(20, 16), grid=4)
+    assert len(fig.axes) == 13  # the image and at most 12 words
+    with pytest.raises(ValueError, match="grid"):
+        plotting.draw_word_attention(fig, image=image, words=["a"], weights=torch.rand(1, 9), grid=4)
+
+
+def test_ch14_retrieval_shows_labels_of_the_top_images(fig):
+    images = torch.rand(10, 3, 8, 8)
+    scores = torch.arange(10.0)
+    labels = [f"item {i}" for i in range(10)]
+    plotting.draw_retrieval(fig, images=images, scores=scores, query="q", k=3, labels=labels)
+    assert [ax.get_title() for ax in fig.axes] == ["9.00\nitem 9", "8.00\nitem 8", "7.00\nitem 7"]

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmcourse
-from mmcourse import utils
+from mmcourse import plotting, utils
 from mmcourse.plotting import setup_notebook
 
 utils.positive_int(num_train=num_train, num_test=num_test, num_heldout=num_heldout,
@@ -717,22 +717,16 @@ def cross_attention(model, mem, caption):
     return tokenizer.split(caption), weights[:-1]  # row t: the state that predicts token t+1
 
 
-def attention_figure(scene, caption, title):
+def draw_attention(fig, scene, caption, title):
+    """The test image, then where the last block looks while writing each word of `caption`."""
     words, weights = cross_attention(captioner, memory["test"][scene], caption)
-    grid = captioner.encoder.config.grid_size
-    n = min(len(words), 12)
-    fig, axes = plt.subplots(1, n + 1, figsize=(1.5 * (n + 1), 2.2))
-    axes[0].imshow(test["images"][scene].permute(1, 2, 0))
-    axes[0].set_title("image", fontsize=8)
-    for ax, t in zip(axes[1:], range(n), strict=True):
-        ax.imshow(test["images"][scene].permute(1, 2, 0))
-        heat = weights[t].view(grid, grid).numpy()
-        ax.imshow(heat, cmap="magma", alpha=0.6, extent=(0, 32, 32, 0), vmin=0, vmax=max(1e-6, heat.max()))
-        ax.set_title(f'"{words[t]}"', fontsize=8)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
+    plotting.draw_word_attention(fig, image=test["images"][scene], words=words, weights=weights,
+                                 grid=captioner.encoder.config.grid_size, title=title)
+
+
+def attention_figure(scene, caption, title):
+    fig = plt.figure(figsize=(1.5 * (min(len(caption.split()), 12) + 2), 2.2))
+    draw_attention(fig, scene, caption, title)
     plt.show()
 
 
@@ -763,11 +757,12 @@ for scene in (0, 1):
 #
 # Pick a test scene, the decoding method, the beam width, the length penalty and the
 # temperature: the caption, its attribute accuracy, its CIDEr-D (with the test set's
-# document frequencies) and the cross-attention of its words. Without a Jupyter front end
-# the static overview below stands in for the controls.
+# document frequencies) and the cross-attention of its words. The printed overview compares
+# the methods on one scene; without a Jupyter front end the figure is drawn at the controls'
+# starting values.
 
 # %%
-def explore(scene=0, method="beam", width=4, alpha=1.0, temperature=1.0, sample_seed=0):
+def decode_scene(scene=0, method="beam", width=4, alpha=1.0, temperature=1.0, sample_seed=0):
     kw = {"num_beams": width, "length_penalty": alpha, "early_stopping": True} if method == "beam" else {}
     if method == "sampling":
         kw = {"do_sample": True, "temperature": temperature}
@@ -787,36 +782,33 @@ settings = [("greedy", 1, 1.0, 1.0), ("beam", 4, 0.0, 1.0), ("beam", 4, 2.0, 1.0
 scene = 2
 lines = []
 for method, k, a, tau in settings:
-    caption, cider, attrs = explore(scene, method, k, a, tau)
+    caption, cider, attrs = decode_scene(scene, method, k, a, tau)
     label = {"greedy": "greedy", "beam": f"beam K={k}, alpha={a:g}", "sampling": f"sampling tau={tau:g}"}[method]
     lines.append(f"{label:<22} CIDEr-D {cider:5.2f}  attributes {attrs:.2f}  {caption}")
-print(f"test scene {scene} (static overview):\n" + "\n".join(lines))
-attention_figure(scene, explore(scene, "beam", 4, 2.0)[0], f"test scene {scene}, beam K=4, alpha=2: cross-attention per word")
+print(f"test scene {scene}:\n" + "\n".join(lines))
 
-try:
-    import ipywidgets as widgets
-    from IPython import get_ipython
-    from IPython.display import display
+# %%
+import ipywidgets as widgets
 
-    from mmcourse.widgets import frontend_attached
+from mmcourse.widgets import explore
 
-    has_kernel = frontend_attached()  # a live front end; headless runs store only the figure
-except ImportError:
-    has_kernel = False
-if has_kernel:
-    def _draw(scene, method, width, alpha, temperature, sample_seed):
-        caption, cider, attrs = explore(scene, method, width, alpha, temperature, sample_seed)
-        attention_figure(scene, caption, f"{caption}\nCIDEr-D {cider:.2f}, attribute accuracy {attrs:.2f}")
 
-    display(widgets.interactive(
-        _draw,
-        scene=widgets.IntSlider(value=scene, min=0, max=num_test - 1, description="scene"),
-        method=widgets.Dropdown(options=["greedy", "beam", "sampling"], value="beam", description="method"),
-        width=widgets.IntSlider(value=4, min=1, max=16, description="beam K"),
-        alpha=widgets.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.25, description="alpha"),
-        temperature=widgets.FloatLogSlider(value=1.0, base=10, min=-1, max=0.5, step=0.05, description="tau"),
-        sample_seed=widgets.IntSlider(value=0, min=0, max=20, description="seed"),
-    ))
+def draw_decoding(fig, scene, method, width, alpha, temperature, sample_seed):
+    caption, cider, attrs = decode_scene(scene, method, width, alpha, temperature, sample_seed)
+    draw_attention(fig, scene, caption, f"test scene {scene}, {method}: {caption}\n"
+                   f"CIDEr-D {cider:.2f}, attribute accuracy {attrs:.2f}")
+
+
+explore(
+    draw_decoding,
+    figsize=(13, 2.4),
+    scene=widgets.IntSlider(value=scene, min=0, max=num_test - 1, description="scene"),
+    method=widgets.Dropdown(options=["greedy", "beam", "sampling"], value="beam", description="method"),
+    width=widgets.IntSlider(value=4, min=1, max=16, description="beam K"),
+    alpha=widgets.FloatSlider(value=2.0, min=0.0, max=3.0, step=0.25, description="alpha"),
+    temperature=widgets.FloatLogSlider(value=1.0, base=10, min=-1, max=0.5, step=0.05, description="tau"),
+    sample_seed=widgets.IntSlider(value=0, min=0, max=20, description="seed"),
+);
 
 # %% [markdown]
 # ## 10. Summary

@@ -1281,38 +1281,22 @@ memory.round(1)
 # headless, you see the figure for the default query.)
 
 # %%
-def draw_search(query="show me a huge blue box"):
-    sims = (encode_texts(lit, minilm_features([query])) @ lit_images.T)[0]
-    top = sims.argsort(descending=True)[:8]
-    fig, axes = plt.subplots(1, 8, figsize=(12, 1.9))
-    for ax, g in zip(axes, top.tolist(), strict=True):
-        ax.imshow(gallery["images"][g].permute(1, 2, 0))
-        ax.set_title(f"{sims[g]:.2f}\n{g_colour[g]} {g_shape[g]}", fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"LiT search: {query!r}", fontsize=10)
-    return fig
+import ipywidgets as widgets
+
+from mmcourse.plotting import draw_retrieval
+from mmcourse.widgets import explore
+
+gallery_labels = [f"{c} {s}" for c, s in zip(g_colour, g_shape, strict=True)]
 
 
-figure = draw_search()
-handle = display(figure, display_id=True)  # a static figure: what you see without a front end
-plt.close(figure)
-try:
-    import ipywidgets as widgets
-except ImportError:  # no widgets installed: the static figure is all
-    widgets = None
-from mmcourse.widgets import frontend_attached  # headless runs store only the figure
+def draw_search(fig, query):
+    sims = (encode_texts(lit, minilm_features([query or "a shape"])) @ lit_images.T)[0]
+    draw_retrieval(fig, images=gallery["images"], scores=sims, query=query, k=8, labels=gallery_labels)
 
-if widgets is not None and frontend_attached():
-    box = widgets.Text(value="show me a huge blue box", description="query", continuous_update=False,
-                       layout=widgets.Layout(width="60%"))
 
-    def redraw(_change=None):
-        new = draw_search(box.value or "a shape")
-        handle.update(new)  # redraws the figure above, in place
-        plt.close(new)
-
-    box.observe(redraw, names="value")
-    display(box)
+explore(draw_search, figsize=(12, 2.1),
+        query=widgets.Text(value="show me a huge blue box", description="query", continuous_update=False,
+                           layout=widgets.Layout(width="60%")));
 
 # %%
 display(Markdown(cases.model_card(
