@@ -350,7 +350,12 @@ def draw_word_attention(
         heat = weights[t].view(grid, grid).float().numpy()
         ax.imshow(picture)
         ax.imshow(
-            heat, cmap="magma", alpha=0.6, extent=(0, width, height, 0), vmin=0, vmax=max(1e-6, heat.max())
+            heat,
+            cmap="magma",
+            alpha=0.6,
+            extent=(0, width, height, 0),
+            vmin=0,
+            vmax=max(1e-6, heat.max()),
         )
         ax.set_title(f'"{words[t]}"', fontsize=8)
     for ax in axes:

@@ -242,10 +242,14 @@ def test_ch10_word_attention_one_panel_per_word(fig):
     heat = fig.axes[2].images[1].get_array()
     assert heat.shape == (4, 4) and np.allclose(heat.ravel(), weights[1].numpy())
     fig.clear()
-    plotting.draw_word_attention(fig, image=image, words=["w"] * 20, weights=torch.rand(20, 16), grid=4)
+    plotting.draw_word_attention(
+        fig, image=image, words=["w"] * 20, weights=torch.rand(20, 16), grid=4
+    )
     assert len(fig.axes) == 13  # the image and at most 12 words
     with pytest.raises(ValueError, match="grid"):
-        plotting.draw_word_attention(fig, image=image, words=["a"], weights=torch.rand(1, 9), grid=4)
+        plotting.draw_word_attention(
+            fig, image=image, words=["a"], weights=torch.rand(1, 9), grid=4
+        )
 
 
 def test_ch14_retrieval_shows_labels_of_the_top_images(fig):
