@@ -252,6 +252,63 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
     return batch
 
 
+class ShuffledBatches:
+    """Mini-batches of rows of tensors that share their first axis, ready for :func:`fit`.
+
+    Each epoch is a fresh permutation drawn from a generator seeded with ``seed``; the last,
+    incomplete batch of an epoch is dropped, so every step sees ``batch_size`` rows. Batches
+    are made when iterated (nothing is copied up front), and iterating again gives the same
+    batches in the same order, so a run is reproducible and ``fit(resume=True)`` sees what
+    the first run saw.
+
+    Args:
+        *tensors: one or more tensors with the same first dimension N (inputs, labels, ...).
+        batch_size: rows per batch, at most N.
+        num_batches: batches in one pass; ``None``: one epoch (``N // batch_size``). More
+            than an epoch continues with the next epoch's permutation.
+        seed: seed of the permutations.
+
+    Yields:
+        Tuples ``(tensors[0][idx], tensors[1][idx], ...)``.
+
+    Taught in notebooks/04_transformer_encoders (first used) and 08_fine_tuning.
+    """
+
+    def __init__(
+        self, *tensors: Tensor, batch_size: int, num_batches: int | None = None, seed: int = 0
+    ) -> None:
+        if not tensors or not all(isinstance(t, Tensor) for t in tensors):
+            raise ValueError("ShuffledBatches needs one or more tensors")
+        n = tensors[0].shape[0] if tensors[0].dim() > 0 else 0
+        if any(t.dim() == 0 or t.shape[0] != n for t in tensors):
+            shapes = [tuple(t.shape) for t in tensors]
+            raise ValueError(f"the tensors must share their first dimension, got shapes {shapes}")
+        utils.positive_int(batch_size=batch_size)
+        if batch_size > n:
+            raise ValueError(f"batch_size ({batch_size}) exceeds the {n} rows")
+        if num_batches is not None:
+            utils.positive_int(num_batches=num_batches)
+        utils.non_negative_int(seed=seed)
+        self.tensors, self.batch_size, self.seed = tensors, batch_size, seed
+        self.num_batches = n // batch_size if num_batches is None else num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        n, b = self.tensors[0].shape[0], self.batch_size
+        generator = torch.Generator().manual_seed(self.seed)
+        made = 0
+        while True:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n - b + 1, b):
+                idx = order[start : start + b]
+                yield tuple(t[idx] for t in self.tensors)
+                made += 1
+                if made == self.num_batches:
+                    return
+
+
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast where asked for ("auto": on CUDA only), else nothing."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -526,5 +583,6 @@ __all__ = [
     "make_scheduler",
     "adamw_step",
     "to_device",
+    "ShuffledBatches",
     "fit",
 ]

@@ -12,7 +12,16 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from mmcourse.train import FitResult, TrainConfig, adamw_step, fit, lr_at, make_scheduler, to_device
+from mmcourse.train import (
+    FitResult,
+    ShuffledBatches,
+    TrainConfig,
+    adamw_step,
+    fit,
+    lr_at,
+    make_scheduler,
+    to_device,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -394,3 +403,46 @@ def test_fit_under_ddp_equals_one_process_on_whole_batches(tmp_path):
             torch.testing.assert_close(theirs[name], value, atol=1e-6, rtol=1e-5)
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert saved["step"] == 9 and set(saved["model"]) == {f"module.{k}" for k in model.state_dict()}
+
+
+def test_shuffled_batches_are_epochs_of_permutations_and_repeatable():
+    x, y = torch.arange(10).float()[:, None], torch.arange(10)
+    batches = ShuffledBatches(x, y, batch_size=3, num_batches=7, seed=1)
+    first = list(batches)
+    assert len(batches) == 7 and len(first) == 7
+    for bx, by in first:
+        assert bx.shape == (3, 1) and torch.equal(bx[:, 0].long(), by)  # rows stay paired
+    for epoch in (first[0:3], first[3:6]):  # 3 full batches per epoch, the 10th row dropped
+        rows = torch.cat([by for _, by in epoch])
+        assert len(set(rows.tolist())) == 9
+    assert not torch.equal(first[0][1], first[3][1])  # a new permutation each epoch
+    again = list(batches)  # iterating again gives the same batches
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    other = list(ShuffledBatches(x, y, batch_size=3, num_batches=7, seed=2))
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(first, other, strict=True))
+    assert len(ShuffledBatches(x, batch_size=4)) == 2  # one epoch by default
+
+
+def test_shuffled_batches_reject_bad_input():
+    with pytest.raises(ValueError, match="first dimension"):
+        ShuffledBatches(torch.zeros(4, 2), torch.zeros(5), batch_size=2)
+    with pytest.raises(ValueError, match="exceeds"):
+        ShuffledBatches(torch.zeros(4, 2), batch_size=5)
+    with pytest.raises(ValueError, match="batch_size"):
+        ShuffledBatches(torch.zeros(4, 2), batch_size=0)
+    with pytest.raises(ValueError, match="tensors"):
+        ShuffledBatches(batch_size=2)
+
+
+def test_fit_trains_from_shuffled_batches():
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(4, 2)
+    result = fit(
+        model,
+        ShuffledBatches(x, y, batch_size=16, num_batches=40),
+        loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        config=TrainConfig(max_steps=40, lr=0.1, progress=False, device="cpu"),
+    )
+    assert result.steps == 40 and result.history[-1]["loss"] < result.history[0]["loss"]
