@@ -770,107 +770,21 @@ def av_digits_tokens(
     return [patchify(image, patch_size), rearrange(pooled, "b j t -> b t j")]
 
 
-@dataclass
-class TrainConfig:
-    """How :func:`train_classifier` trains: AdamW on random mini-batches, fixed steps."""
-
-    steps: int = 150  # optimisation steps
-    batch_size: int = 128  # examples per step
-    lr: float = 5e-3  # AdamW learning rate (constant after a short linear warm-up)
-    weight_decay: float = 0.01  # AdamW weight decay
-    warmup: int = 10  # steps of linear learning-rate warm-up
-    eval_every: int = 10  # with validation data: evaluate every this many steps, keep the best
-
-    def __post_init__(self) -> None:
-        utils.positive_int(steps=self.steps, batch_size=self.batch_size, eval_every=self.eval_every)
-        utils.positive_float(lr=self.lr)
-        utils.non_negative_int(warmup=self.warmup)
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-
-
-@dataclass
-class TrainHistory:
-    """What :func:`train_classifier` saw."""
-
-    losses: list[float]  # training loss of every step
-    eval_steps: list[int]  # the steps after which the validation accuracy was measured
-    eval_accuracy: list[float]  # validation accuracy at those steps
-    best_step: int  # the step whose weights the model holds at the end
-
-
-def train_classifier(
-    model: nn.Module,
-    inputs: Sequence[Tensor],
-    labels: Tensor,
-    *,
-    config: TrainConfig | None = None,
-    validation: tuple[Sequence[Tensor], Tensor] | None = None,
-    seed: int = 0,
-) -> TrainHistory:
-    """Train ``model(inputs) -> logits`` with cross-entropy and AdamW.
-
-    With ``validation``, the accuracy on it is measured every ``config.eval_every`` steps
-    and the model ends with the weights of the best measurement (early stopping, without
-    stopping: every model gets the same number of steps). The inputs stay where they are;
-    each batch moves to the model's device.
+def classification_loss(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+    """Cross-entropy of ``model`` on one batch ``(*inputs, labels)``: the loss ``train.fit`` takes.
 
     Args:
         model: a module taking a list of per-modality tensors (B, ...) and returning (B, C).
-        inputs: the M training tensors, each with N examples first.
-        labels: (N,) int64 class labels.
-        config: steps, batch size, learning rate; None means ``TrainConfig()``.
-        validation: ``(inputs, labels)`` of held-out data for choosing the weights, or None
-            (the model keeps its last weights).
-        seed: seeds the batch order (the model's initialisation is the caller's).
+        batch: the M input tensors then the (B,) int64 labels, as
+            ``train.ShuffledBatches(*inputs, labels, ...)`` yields them.
 
     Returns:
-        The :class:`TrainHistory`.
+        The mean cross-entropy, a scalar.
+
+    Taught in notebooks/05_fusion_strategies.
     """
-    config = config or TrainConfig()
-    n = labels.shape[0]
-    if any(x.shape[0] != n for x in inputs):
-        raise ValueError(
-            f"every input needs {n} examples (as labels), got {[x.shape[0] for x in inputs]}"
-        )
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        fused=device.type in ("cpu", "cuda"),  # one kernel for all parameters: 3x faster here
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / (config.warmup + 1))
-    )
-    generator = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(n, generator=generator), 0
-    history = TrainHistory(losses=[], eval_steps=[], eval_accuracy=[], best_step=config.steps)
-    best_state = None
-    model.train()
-    for step in range(1, config.steps + 1):
-        if cursor + config.batch_size > n:  # a new epoch
-            order, cursor = torch.randperm(n, generator=generator), 0
-        idx = order[cursor : cursor + config.batch_size]
-        cursor += config.batch_size
-        batch = [x[idx].to(device) for x in inputs]
-        loss = F.cross_entropy(model(batch), labels[idx].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        history.losses.append(loss.item())
-        if validation is not None and (step % config.eval_every == 0 or step == config.steps):
-            acc = accuracy(model, *validation)
-            if not history.eval_accuracy or acc > max(history.eval_accuracy):
-                history.best_step = step
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            history.eval_steps.append(step)
-            history.eval_accuracy.append(acc)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return history
+    *inputs, labels = batch
+    return F.cross_entropy(model(list(inputs)), labels)
 
 
 @torch.no_grad()
@@ -1077,9 +991,7 @@ __all__ = [
     "count_parameters",
     "standardize",
     "av_digits_tokens",
-    "TrainConfig",
-    "TrainHistory",
-    "train_classifier",
+    "classification_loss",
     "predict",
     "accuracy",
     "draw_fusion_diagram",

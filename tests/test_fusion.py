@@ -20,8 +20,8 @@ from mmcourse.fusion import (
     TensorFusion,
     TokenEncoder,
     TokenPool,
-    TrainConfig,
 )
+from mmcourse.train import ShuffledBatches, TrainConfig, fit
 
 D, C, B = 8, 5, 6
 NUM_TOKENS = {2: (3, 5), 3: (3, 5, 4)}
@@ -419,27 +419,24 @@ def test_av_digits_tokens_shapes():
         fusion.av_digits_tokens(image, logmel[0])
 
 
-def test_training_overfits_one_batch_and_keeps_the_best_validation_weights():
+def test_fit_overfits_one_batch_with_the_classification_loss_and_keeps_the_best_weights():
     torch.manual_seed(0)
     config = _config("cross_attention")
     model = FusionClassifier(config)
     raw = _raw(config, batch=16)
     labels = torch.arange(16) % 10
-    history = fusion.train_classifier(
+    result = fit(
         model,
-        raw,
-        labels,
-        config=TrainConfig(steps=120, batch_size=16, lr=1e-2, eval_every=20),
-        validation=(raw, labels),
+        ShuffledBatches(*raw, labels, batch_size=16, num_batches=120),
+        loss_fn=fusion.classification_loss,
+        config=TrainConfig(max_steps=120, lr=1e-2, eval_every=20, progress=False, device="cpu"),
+        evaluate_fn=lambda m: {"accuracy": fusion.accuracy(m, raw, labels)},
     )
-    assert len(history.losses) == 120 and history.losses[-1] < 0.05
-    assert fusion.accuracy(model, raw, labels) == max(history.eval_accuracy) == 1.0
-    assert history.eval_steps[-1] == 120 and history.best_step in history.eval_steps
+    assert result.history[-1]["loss"] < 0.05
+    assert fusion.accuracy(model, raw, labels) == result.best_metric == 1.0
     assert not model.training
-    with pytest.raises(ValueError, match="every input needs 16 examples"):
-        fusion.train_classifier(model, [raw[0][:3], raw[1]], labels)
-    with pytest.raises(ValueError, match="steps must be a positive integer"):
-        TrainConfig(steps=0)
+    loss = fusion.classification_loss(model, (*raw, labels))
+    torch.testing.assert_close(loss, F.cross_entropy(model(list(raw)), labels))
 
 
 def test_diagrams_draw_every_strategy():

@@ -472,7 +472,7 @@ mmcourse.record("ids_vs_embeddings_gap",
 # strategy uses, one fusion module, and modality dropout for section 5. Two **unimodal
 # baselines** (`image_only`, `audio_only`) are late fusion with a single modality.
 #
-# Protocol, identical for every strategy: the same encoders and width $D$, AdamW with
+# Protocol, identical for every strategy (trained by the course's one loop, `fit`): the same encoders and width $D$, AdamW with
 # the same learning rate, batch size and number of steps; the validation split is
 # checked every ten steps and the model keeps its best weights (early stopping without
 # stopping). The data are fixed; each of the `num_seeds` training seeds changes the
@@ -480,12 +480,17 @@ mmcourse.record("ids_vs_embeddings_gap",
 # voices were never heard in training.
 
 # %%
-from mmcourse.fusion import FusionClassifier, FusionConfig, TrainConfig, accuracy, count_parameters, train_classifier
+from mmcourse.finetune import param_groups
+from mmcourse.fusion import FusionClassifier, FusionConfig, accuracy, classification_loss, count_parameters
+from mmcourse.train import ShuffledBatches, TrainConfig, fit
 
 strategies = ["image_only", "audio_only", *fusion.FUSION_STRATEGIES]
 fused_strategies = list(fusion.FUSION_STRATEGIES)
 base = FusionConfig(num_tokens=num_tokens, token_dims=token_dims, dim=dim, num_heads=num_heads, film_target=1)
-train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr)
+# AdamW at a constant rate after a 10-step warm-up; every 10 steps the validation accuracy is
+# measured and the model keeps its best weights (fit's restore_best).
+train_config = TrainConfig(max_steps=steps, lr=lr, warmup_steps=10, schedule="constant", grad_clip=None,
+                           eval_every=10, progress=False, device=str(device))
 seeds = [seed + k for k in range(num_seeds)]
 models, rows = {}, []
 
@@ -495,8 +500,12 @@ def train(strategy, run_seed, p=0.0):
     torch.manual_seed(run_seed)
     model = FusionClassifier(replace(base, strategy=strategy, modality_dropout=p)).to(device)
     start = time.perf_counter()
-    train_classifier(model, x["train"], y["train"], config=train_config,
-                     validation=(x["validation"], y["validation"]), seed=run_seed)
+    # fused=True: one AdamW kernel for all the parameters, about 3x faster for these tiny models
+    optimizer = torch.optim.AdamW(param_groups(model, train_config.weight_decay), lr=lr,
+                                  fused=device.type in ("cpu", "cuda"))
+    fit(model, ShuffledBatches(*x["train"], y["train"], batch_size=batch_size, num_batches=steps, seed=run_seed),
+        loss_fn=classification_loss, config=train_config, optimizer=optimizer,
+        evaluate_fn=lambda m: {"accuracy": accuracy(m, x["validation"], y["validation"])})
     seconds = time.perf_counter() - start
     models[strategy, p, run_seed] = model
     rows.append(dict(strategy=strategy, p=p, seed=run_seed, accuracy=accuracy(model, x["test"], y["test"]),
