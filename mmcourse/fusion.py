@@ -382,10 +382,12 @@ class FiLMFusion(nn.Module):
     """Feature-wise linear modulation: the other modalities scale and shift one modality.
 
     With t the target modality and c = [pool_j(X_j) for j != t] the conditioning vector,
-    gamma, beta = W c + b (each (B, D)) and
-    FiLM(X_t) = (1 + gamma) * X_t + beta on every token (the identity when gamma = beta = 0),
-    then GELU, pool and an MLP classifier. The others reach the prediction *only* through
-    gamma and beta.
+    [delta_gamma; beta] = W c + b (each (B, D)), gamma = 1 + delta_gamma and
+    FiLM(X_t) = gamma * X_t + beta on every token, then GELU, pool and an MLP classifier.
+    Predicting delta_gamma rather than gamma is the FiLM paper's own choice (Perez et al.
+    2018, model details): gamma starts near 1, so the modulation starts near the identity
+    instead of scaling the features towards 0. The others reach the prediction *only*
+    through gamma and beta.
 
     Args:
         num_tokens: (N_1, ..., N_M), at least two modalities.
@@ -423,7 +425,7 @@ class FiLMFusion(nn.Module):
                 if j != target
             }
         )
-        self.film = nn.Linear((M - 1) * dim, 2 * dim)  # c -> [gamma; beta], near 0 at init
+        self.film = nn.Linear((M - 1) * dim, 2 * dim)  # c -> [delta_gamma; beta], near 0 at init
         self.pool = TokenPool(num_tokens=self.num_tokens[target], dim=dim)
         self.head = _mlp_head(dim, hidden_dim, num_classes, dropout)
 
@@ -431,9 +433,10 @@ class FiLMFusion(nn.Module):
         """[(B, N_m, D)] * M -> (B, C) logits."""
         tokens = _as_tokens(inputs, self.num_tokens, self.dim)
         c = torch.cat([pool(tokens[int(j)]) for j, pool in self.cond_pools.items()], -1)
-        gamma, beta = self.film(c).chunk(2, dim=-1)  # (B, D) each
+        delta_gamma, beta = self.film(c).chunk(2, dim=-1)  # (B, D) each
+        gamma = 1 + delta_gamma  # the scale, near 1 at init
         x = tokens[self.target]  # (B, N_t, D)
-        x = F.gelu((1 + gamma[:, None]) * x + beta[:, None])  # the same modulation on every token
+        x = F.gelu(gamma[:, None] * x + beta[:, None])  # the same modulation on every token
         return self.head(self.pool(x))
 
 

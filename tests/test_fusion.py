@@ -236,10 +236,10 @@ def test_film_modulates_the_target_with_the_others():
     module = FiLMFusion(num_tokens=(3, 5, 4), dim=D, num_classes=C, target=1).eval()
     inputs = _tokens((3, 5, 4))
     c = torch.cat([module.cond_pools["0"](inputs[0]), module.cond_pools["2"](inputs[2])], -1)
-    gamma, beta = module.film(c).chunk(2, -1)
-    x = F.gelu((1 + gamma[:, None]) * inputs[1] + beta[:, None])
+    delta_gamma, beta = module.film(c).chunk(2, -1)
+    x = F.gelu((1 + delta_gamma[:, None]) * inputs[1] + beta[:, None])
     torch.testing.assert_close(module(inputs), module.head(module.pool(x)))
-    with torch.no_grad():  # gamma = beta = 0: the others have no say
+    with torch.no_grad():  # delta_gamma = beta = 0 (gamma = 1): the others have no say
         module.film.weight.zero_()
         module.film.bias.zero_()
     changed = [torch.randn_like(inputs[0]), inputs[1], torch.randn_like(inputs[2])]

@@ -44,6 +44,8 @@ batch_size = 128  # pairs per training step
 lr = 3e-3  # AdamW learning rate
 
 # %%
+import math
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -419,6 +421,7 @@ def embed_test(model):
 
 
 before = embed_test(model)
+s_before = model.logit_scale().item()  # s at initialisation
 
 # %% [markdown]
 # The training loop is the standard one: sample a batch, compute the loss, step AdamW.
@@ -451,6 +454,13 @@ print(f"image -> audio top-1: {acc_i2a:.1%}   audio -> image top-1: {acc_a2i:.1%
       f"(before training: {acc_before:.1%}, chance 10%)   final logit scale s = {scale.item():.1f}")
 mmcourse.record("retrieval_image_to_audio", acc_i2a, at_least=0.5)
 mmcourse.record("retrieval_audio_to_image", acc_a2i, at_least=0.5)
+# Why the loss starts above ln B: at initialisation the scaled similarities s u_i^T v_j of a row
+# are not all equal; for random logits of spread sigma, the loss is about ln B + sigma^2 / 2.
+row_spread = (s_before * before[0] @ before[1].T).std(dim=1).mean().item()
+print(f"first step's loss {losses[0]:.2f};  ln B = ln {batch_size} = {math.log(batch_size):.2f};  "
+      f"spread of s u_i^T v_j in a row at initialisation (test split, s = {s_before:.0f}): {row_spread:.2f}, "
+      f"ln B + spread^2 / 2 = {math.log(batch_size) + row_spread**2 / 2:.2f}")
+mmcourse.record("first_loss_minus_ln_B", losses[0] - math.log(batch_size), at_least=0.0)
 
 # %%
 # One test image and one test clip per digit: the similarity matrix before and after.
@@ -468,8 +478,16 @@ fig.colorbar(im, ax=axes[1:], label="cosine similarity")
 plt.show()
 
 # %% [markdown]
-# The loss starts near $\ln B$ (here $\ln 128 \approx 4.85$, the loss of guessing among
-# the batch) and may sit there for a while before it falls. After training the diagonal
+# The loss does not start at $\ln B$, the loss of a uniform guess among the batch, but
+# above it (the line printed above gives both numbers). At initialisation the scaled
+# similarities $s\,u_i^\top v_j$ of a row are random numbers with some spread $\sigma$,
+# not all equal, and the log-sum-exp in the denominator is pulled up by the largest wrong
+# ones: the log of a mean of exponentials is at least the mean (Jensen), so random logits
+# cost more than $\ln B$ on average, about $\ln B + \sigma^2/2$ for Gaussian ones. The
+# printed estimate from the initial spread is rough (measured on the test split without
+# dropout, while the first loss is one training batch with dropout) and falls short of
+# the first loss, but it shows the direction and the size of the effect. The loss may sit
+# up there for a while before it falls. After training the diagonal
 # lights up: the image of a digit and the
 # sound of its name point the same way. A 2-D view of the space (principal components of
 # all test embeddings) shows both modalities meeting in ten clusters:

@@ -170,7 +170,11 @@ print("row i = 0 is (sin 0, cos 0, ...) =", PE[0, :6].tolist(), "...")
 # %% [markdown]
 # Pair $j$ is a sine wave of wavelength $\lambda_j = 2\pi / \omega_j = 2\pi \cdot
 # 10000^{2j/d_\text{model}}$: a geometric ladder from $2\pi$ positions (the first pair
-# turns by one radian per position) to about $2\pi \cdot 10000$. Fast pairs tell
+# turns by one radian per position) to $2\pi \cdot 10000^{1 - 2/d_\text{model}}$ for the
+# last pair, $j = d_\text{model}/2 - 1$. The exponent never reaches 1, so the longest
+# wavelength stays below $2\pi \cdot 10000 \approx 62{,}832$ and approaches it only as
+# $d_\text{model}$ grows: with the default $d_\text{model} = 64$ it is $2\pi \cdot 10000^{31/32}
+# \approx 2\pi \cdot 7{,}499$, the value printed below. Fast pairs tell
 # neighbours apart, slow pairs tell far-apart regions apart - like the hands of a clock.
 
 # %%

@@ -323,9 +323,12 @@ print("gates", tuple(gated.gates([X1, X2]).shape), "(B, M, D) sum to one over M 
 # modality *condition* how another is processed: from the image, a linear layer predicts
 # a scale $\gamma$ and a shift $\beta$ for every feature of the audio tokens,
 #
-# $$[\gamma; \beta] = W\, h_1 + b, \qquad \mathrm{FiLM}(X_2) = (1 + \gamma) \odot X_2 + \beta,$$
+# $$[\Delta\gamma; \beta] = W\, h_1 + b, \qquad \gamma = 1 + \Delta\gamma, \qquad
+#   \mathrm{FiLM}(X_2) = \gamma \odot X_2 + \beta,$$
 #
-# (the "1 +" starts the model at the identity; the paper writes $\gamma \odot X + \beta$)
+# (the paper's layer is $\gamma \odot X + \beta$; its generator predicts the offset
+# $\Delta\gamma$ rather than $\gamma$ itself, as here, so that $\gamma$ starts near 1 and
+# the modulation near the identity instead of scaling every feature towards 0)
 #
 # the same on every audio token; the modulated audio tokens go through a GELU, a pooling
 # and the classifier. The image reaches the prediction *only* through $\gamma$ and $\beta$.
@@ -337,8 +340,9 @@ plt.show()
 
 # %%
 film = fusion.FiLMFusion(num_tokens=(N1, N2), dim=D, num_classes=C, target=1).eval()
-gamma, beta = film.film(film.cond_pools["0"](X1)).chunk(2, dim=-1)  # (B, D) each, from the image
-X2_mod = F.gelu((1 + gamma[:, None, :]) * X2 + beta[:, None, :])  # (B, N2, D)
+delta_gamma, beta = film.film(film.cond_pools["0"](X1)).chunk(2, dim=-1)  # (B, D) each, from the image
+gamma = 1 + delta_gamma  # (B, D): the scale, near 1 at initialisation
+X2_mod = F.gelu(gamma[:, None, :] * X2 + beta[:, None, :])  # (B, N2, D)
 torch.testing.assert_close(film.head(film.pool(X2_mod)), film([X1, X2]))
 print("gamma, beta", tuple(gamma.shape), "- equal to fusion.FiLMFusion")
 

@@ -653,14 +653,24 @@ axes[2].legend(fontsize=8)
 plt.show()
 
 # %%
-FLOORS = {"probe (head only)": 0.8, "top-k layers": 0.78, "full": 0.78, "LoRA (peft)": 0.78}  # measured 0.86-0.87
-for name in table.index:
+probe_acc = table.loc["probe (head only)", "test accuracy"]
+# one test accuracy's sampling noise: the binomial standard error over the test questions
+standard_error = (probe_acc * (1 - probe_acc) / len(data["test"]["y"])) ** 0.5
+tower_runs = table.index.drop("probe (head only)")
+best_tower_gap = table.loc[tower_runs, "test accuracy"].max() - probe_acc
+print(f"majority baseline {majority:.3f}; probe {probe_acc:.3f}; tower runs {(table.loc[tower_runs, 'test accuracy'] - probe_acc).min():+.3f}"
+      f" .. {best_tower_gap:+.3f} from the probe; standard error of one test accuracy {standard_error:.3f}")
+# the probe learns the task: far above the majority answer measured on the same test set
+mmcourse.record("test_accuracy_probe", probe_acc, at_least=round(majority + 0.5, 3))
+for name in tower_runs:  # each tower run starts from the probe's head: it keeps what the probe learned
     key = name.split(" (")[0].replace(" ", "_").replace("-", "_").lower()
-    mmcourse.record(f"test_accuracy_{key}", table.loc[name, "test accuracy"], at_least=FLOORS[name])
+    mmcourse.record(f"test_accuracy_{key}", table.loc[name, "test accuracy"], at_least=round(probe_acc - 0.05, 3))
+# the comparison: at this budget no tower run beats the probe by more than the noise
+mmcourse.record("best_tower_minus_probe", best_tower_gap, at_most=round(2 * standard_error, 3))
 lora_vs_full = table.loc["LoRA (peft)", "trainable"] / table.loc["full", "trainable"]
 lora_adapters = sum(p.numel() for n, p in models["LoRA (peft)"].named_parameters() if "lora_" in n)
-mmcourse.record("lora_trainable_fraction_of_full", lora_vs_full, at_most=0.05)
-print(f"majority baseline {majority:.3f}; LoRA trains {100 * lora_vs_full:.2f} % of what full fine-tuning trains "
+mmcourse.record("lora_trainable_fraction_of_full", lora_vs_full, at_most=0.01)  # "under 1 %"
+print(f"LoRA trains {100 * lora_vs_full:.2f} % of what full fine-tuning trains "
       f"(head included); its adapters alone are {lora_adapters:,} numbers, "
       f"{100 * lora_adapters / table.loc['full', 'trainable']:.2f} %")
 
@@ -676,6 +686,11 @@ by_kind = pd.DataFrame({name: {kind: (pred == data["test"]["y"])[torch.tensor([k
                         for name, pred in predictions.items()}).T
 print(f"{int(parsed_right.sum())} of {num_test} test scenes parsed right")
 print(by_kind.round(3).to_string())
+kinds_but_where = by_kind.columns.drop(["where", "scenes parsed right"])
+where_lead = (by_kind["where"] - by_kind[kinds_but_where].min(axis=1)).max()  # < 0: where is every strategy's weakest kind
+print(f"`where` vs each strategy's next weakest kind: at most {where_lead:+.3f}; `count`: at least {by_kind['count'].min():.3f}")
+mmcourse.record("where_minus_next_weakest_kind_max", where_lead, at_most=0.0)
+mmcourse.record("count_accuracy_min", by_kind["count"].min(), at_least=0.98)
 best_tower = table["test accuracy"].drop("probe (head only)").idxmax()
 print(f"best tower run on test: {best_tower}, {table.loc[best_tower, 'test accuracy']:.3f}, vs the probe's "
       f"{table.loc['probe (head only)', 'test accuracy']:.3f} ({table.loc[best_tower, 'test accuracy'] - table.loc['probe (head only)', 'test accuracy']:+.3f})")
@@ -683,12 +698,18 @@ print(f"best tower run on test: {best_tower}, {table.loc[best_tower, 'test accur
 # %% [markdown]
 # What the outputs say, honestly. The image side is no longer the bottleneck: the tower
 # parses most occupied regions right (section 4), and on the test scenes it parsed
-# without error the strategies still miss some questions (last column), most of them
-# `where` and `exists` questions - the text side, asked in phrasings never seen in
-# training, has something to learn. But adapting the tower did not learn it better
-# than the probe: the probe, trained for many cheap steps on cached question vectors,
-# has the highest test accuracy, and all three tower runs end slightly below it (the
-# difference printed above). Early stopping acted on the probe, which stopped far short
+# without error the strategies still miss some questions (last column) - the text side,
+# asked in phrasings never seen in training, has something to learn. By kind (over all
+# test scenes), every strategy answers `count` right and does worst on `where`; `colour`
+# and `exists` come next, within a few points of each other (which of the two is lower
+# depends on the strategy), and `shape` is the best of the rest (the printed line checks
+# the first two statements). Adapting the tower did not learn the text side better than
+# the probe: all four strategies end within a couple of points of each other, the
+# probe, trained for many cheap steps on cached question vectors, on top in this run
+# (the gaps are printed above). Those gaps are about one standard error of a test
+# accuracy (printed too), so this single run does not rank the four; what it does show
+# is that no tower run beats the probe by more than that noise (recorded). Early stopping
+# acted on the probe, which stopped far short
 # of `probe_steps` (its `steps` and `best step`). In the tower runs the `best step` column
 # shows where each run's validation accuracy peaked; a run whose `patience` ran out before
 # `finetune_steps` is marked `stopped early` and ended sooner. Either way the best-weight
@@ -826,7 +847,7 @@ print("what it did for us:", type(trainer.optimizer).__name__, "(accelerate's wr
       type(trainer.optimizer.optimizer).__name__, "with", len(trainer.optimizer.param_groups),
       "parameter groups;", type(trainer.lr_scheduler).__name__, "; evaluations:",
       [round(r["eval_accuracy"], 3) for r in trainer.state.log_history if "eval_accuracy" in r])
-mmcourse.record("test_accuracy_trainer", trainer_acc, at_least=0.78)
+mmcourse.record("test_accuracy_trainer", trainer_acc, at_least=round(probe_acc - 0.05, 3))  # it starts from the probe too
 
 # %% [markdown]
 # ## 8. Where the errors are
@@ -946,7 +967,7 @@ print(pd.DataFrame({"logit": logit, "target": target, "BCEWithLogits(logit)": ri
 #   mergeable adapters.
 # - Measure what a strategy buys on the data you have: here, on questions in held-out
 #   phrasings and with the CPU budget's few steps, adapting the tower did not beat the
-#   probe (section 6).
+#   probe by more than the test set's noise (section 6).
 #
 # ## Exercises
 #
