@@ -13,7 +13,8 @@ function that adds its options to an ``argparse`` parser, and a function that ru
                                   [--lr 1e-3]
     python -m mmcourse.bench generate [--device auto] [--model tiny-llama] [--new-tokens 256]
                                       [--prompt-length 16] [--batch 1] [--repeats 3]
-                                      [--no-recompute] [--hidden 64] [--layers 4] [--heads 4]
+                                      [--no-recompute] [--no-scratch] [--hidden 64]
+                                      [--layers 4] [--heads 4]
                                       [--vocab-size 1024] [--seed 0]
     python -m mmcourse.bench deploy [--threads 2] [--widths 64 256 1024] [--repeats 15]
                                     [--compile-batch 32] [--no-compile] [--llm-layers 4]
@@ -39,8 +40,11 @@ initialised ``LlamaForCausalLM`` of ``--hidden``, ``--layers``, ``--heads``,
 ``--vocab-size``): :func:`mmcourse.generation.generate` through ``hf_step_fn`` (the
 model's KV cache) against the model's own ``generate`` (their tokens are checked equal
 first), and ours again through ``recompute_step_fn`` (no cache: the whole prefix every
-step). One timed call is one whole decoding. Chapters add models to
-:data:`GENERATION_MODELS`.
+step). For a Llama (``tiny-llama``, ``smollm2``) it also times chapter 11's from-scratch
+decoder, :class:`mmcourse.llm.CausalLM` built by ``CausalLM.from_transformers`` on the
+same weights, through the same library with its own KV cache (``--no-scratch`` skips it);
+its tokens are checked against ``transformers``' too. One timed call is one whole
+decoding. Chapters add models to :data:`GENERATION_MODELS`.
 
 Timing: each candidate is first warmed up, then timed in blocks of calls long enough to
 beat the timer's resolution (``torch.utils.benchmark.Timer``, which also synchronises a
@@ -654,7 +658,10 @@ def _clip_main(args: argparse.Namespace) -> None:
 
 def _tiny_llama(args: argparse.Namespace) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` of the sizes in ``args`` (no stop token)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from mmcourse.deploy import quiet_torchao_imports
+
+    with quiet_torchao_imports():  # transformers imports torchao's notices with its models
+        from transformers import LlamaConfig, LlamaForCausalLM
 
     positive_int(
         hidden=args.hidden, layers=args.layers, heads=args.heads, vocab_size=args.vocab_size
@@ -681,9 +688,11 @@ def _tiny_llama(args: argparse.Namespace) -> nn.Module:
 # (a pretrained SmolLM2) here; the timing below works for any transformers causal LM.
 def _smollm2(args: argparse.Namespace) -> nn.Module:
     """SmolLM2-135M-Instruct from the bundled GGUF file (chapter 11), hash-checked, offline."""
+    from mmcourse.deploy import quiet_torchao_imports
     from mmcourse.pretrained import load_language_model
 
-    return load_language_model()[1]
+    with quiet_torchao_imports():
+        return load_language_model()[1]
 
 
 GENERATION_MODELS: dict[str, Callable[[argparse.Namespace], nn.Module]] = {
@@ -702,6 +711,7 @@ class GenerationTimings:
     ours_cached: float  # mmcourse.generation.generate with hf_step_fn (the model's KV cache)
     transformers: float  # model.generate(do_sample=False, num_beams=1)
     ours_recompute: float | None  # the same through recompute_step_fn (no cache); None: skipped
+    scratch_cached: float | None = None  # our from-scratch CausalLM, its KV cache; None: skipped
 
     def tokens_per_second(self, seconds: float) -> float:
         return self.batch * self.new_tokens / seconds
@@ -715,6 +725,7 @@ def generation_timings(
     batch: int = 1,
     repeats: int = 3,
     recompute: bool = True,
+    scratch: bool = True,
     device: str | torch.device = "auto",
     seed: int = 0,
 ) -> GenerationTimings:
@@ -731,6 +742,8 @@ def generation_timings(
         repeats: timed calls per candidate, in turn (the median is reported), after one
             untimed call each (the equality check).
         recompute: also time decoding without the cache.
+        scratch: also time chapter 11's from-scratch decoder on the same weights
+            (``CausalLM.from_transformers``; a ``LlamaForCausalLM`` only, skipped otherwise).
         device: where to run.
         seed: for the random prompts.
 
@@ -774,6 +787,20 @@ def generation_timings(
             "our greedy decoding and transformers' generate chose different tokens"
         )
     candidates = {"ours": ours, "transformers": theirs}
+    if scratch and type(model).__name__ == "LlamaForCausalLM":
+        from mmcourse.llm import CausalLM
+
+        scratch_model = CausalLM.from_transformers(model)
+
+        def ours_scratch() -> torch.Tensor:
+            return generate(
+                scratch_model.step_fn, ids, attention_mask=mask, config=ours_config
+            ).sequences
+
+        differ = (ours_scratch() != theirs_tokens).sum().item()
+        if differ:  # float rounding can differ between the two implementations
+            logger.warning("the from-scratch decoder chose %d different tokens", differ)
+        candidates["scratch"] = ours_scratch
     if recompute:
         differ = (ours_recompute() != ours_tokens).sum().item()
         if differ:  # float rounding can differ between the two paths on a large model
@@ -787,6 +814,7 @@ def generation_timings(
         ours_cached=times["ours"],
         transformers=times["transformers"],
         ours_recompute=times.get("recompute"),
+        scratch_cached=times.get("scratch"),
     )
 
 
@@ -821,6 +849,9 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="B prompts decoded together")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per candidate")
     parser.add_argument("--no-recompute", action="store_true", help="skip the no-cache timing")
+    parser.add_argument(
+        "--no-scratch", action="store_true", help="skip chapter 11's from-scratch decoder"
+    )
     parser.add_argument("--hidden", type=int, default=64, help="tiny-llama: hidden size")
     parser.add_argument("--layers", type=int, default=4, help="tiny-llama: decoder layers")
     parser.add_argument("--heads", type=int, default=4, help="tiny-llama: attention heads")
@@ -839,6 +870,7 @@ def _generate_main(args: argparse.Namespace) -> None:
         batch=args.batch,
         repeats=args.repeats,
         recompute=not args.no_recompute,
+        scratch=not args.no_scratch,
         device=device,
         seed=args.seed,
     )
@@ -855,11 +887,18 @@ def _generate_main(args: argparse.Namespace) -> None:
         ("ours, KV cache (hf_step_fn)", t.ours_cached),
         ("transformers generate", t.transformers),
     ]
+    if t.scratch_cached is not None:
+        rows.append(("ours, from-scratch CausalLM, KV cache", t.scratch_cached))
     if t.ours_recompute is not None:
         rows.append(("ours, no cache (recompute_step_fn)", t.ours_recompute))
     for name, seconds in rows:
         print(f"{name:<36} {seconds * 1e3:>10.1f} {t.tokens_per_second(seconds):>10.0f}")
     print(f"ratio ours / transformers: {t.ours_cached / t.transformers:.2f} (< 1: ours is faster)")
+    if t.scratch_cached is not None:
+        print(
+            f"ratio from-scratch decoder / transformers: {t.scratch_cached / t.transformers:.2f} "
+            "(the same weights; < 1: ours is faster)"
+        )
     if t.ours_recompute is not None:
         print(
             f"speed-up from the KV cache (no cache / cache): {t.ours_recompute / t.ours_cached:.2f}"
