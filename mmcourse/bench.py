@@ -16,7 +16,8 @@ function that adds its options to an ``argparse`` parser, and a function that ru
                                       [--no-recompute] [--no-scratch] [--hidden 64]
                                       [--layers 4] [--heads 4]
                                       [--vocab-size 1024] [--seed 0]
-    python -m mmcourse.bench deploy [--threads 2] [--widths 64 256 1024] [--repeats 15]
+    python -m mmcourse.bench deploy [--threads 2] [--widths 64 256 1024]
+                                    [--int8 torchao torchao-weight-only torch.ao] [--repeats 15]
                                     [--compile-batch 32] [--no-compile] [--llm-layers 4]
                                     [--llm-hidden 576] [--new-tokens 48] [--requests 96]
                                     [--concurrency 16] [--window-ms 5]
@@ -52,8 +53,9 @@ GPU); the candidates of one row are timed **in turn**, block after block, so tha
 slowdown of the machine hits all of them alike, and each reports the **median** block.
 Only the ratios are meant to be compared; on a shared CPU the times wander.
 
-``deploy`` prints the speed ratios of chapter 13 on this machine, on the CPU: int8 dynamic
-quantisation against float32 over the FFN width; ``torch.compile`` (inductor, cold caches) of
+``deploy`` prints the speed ratios of chapter 13 on this machine, on the CPU: int8
+quantisation against float32 over the FFN width (``--int8``: torchao's dynamic and
+weight-only int8, the deprecated ``torch.ao`` dynamic int8); ``torch.compile`` (inductor, cold caches) of
 a tiny CLIP's image tower, its speed-up after warm-up and break-even calls; greedy decoding
 with the KV cache against without, on a randomly initialised Llama of SmolLM2's layer sizes
 (``--llm-layers``; speed does not depend on the weights); and a served tiny CLIP (random
@@ -908,10 +910,19 @@ def _generate_main(args: argparse.Namespace) -> None:
 # --- the deployment benchmark (chapter 13) ------------------------------------------------
 
 
+# --int8 choices -> mmcourse.deploy.INT8_METHODS names
+INT8_CHOICES = {
+    "torchao": "torchao dynamic",
+    "torchao-weight-only": "torchao weight-only",
+    "torch.ao": "torch.ao dynamic (deprecated)",
+}
+
+
 def deploy_speed_ratios(
     *,
     threads: int = 2,
     widths: Sequence[int] = (64, 256, 1024),
+    int8_methods: Sequence[str] = ("torchao", "torchao-weight-only", "torch.ao"),
     repeats: int = 15,
     compile_batch: int = 32,
     run_compile: bool = True,
@@ -926,7 +937,7 @@ def deploy_speed_ratios(
     """The speed ratios of chapter 13 on this CPU (see the module docstring).
 
     Returns:
-        ``{"int8_speedup": [(width, rows, ratio), ...], "compile": CompileResult | None,
+        ``{"int8_speedup": [(method, width, rows, ratio), ...], "compile": CompileResult | None,
         "kv_cache_speedup", "dynamic_batching_throughput_ratio"}``.
     """
     import tempfile
@@ -940,8 +951,13 @@ def deploy_speed_ratios(
         raise ValueError(f"llm_hidden={llm_hidden} must be a multiple of SmolLM2's 9 heads")
     out: dict[str, Any] = {}
     with deploy.fixed_threads(threads):
-        rows = deploy.int8_width_sweep(widths, batch_sizes=(1, 64), repeats=repeats, seed=seed)
-        out["int8_speedup"] = [(r["width"], r["batch_size"], r["speedup"]) for r in rows]
+        methods = [INT8_CHOICES[m] for m in int8_methods]
+        rows = deploy.int8_width_sweep(
+            widths, batch_sizes=(1, 64), methods=methods, repeats=repeats, seed=seed
+        )
+        out["int8_speedup"] = [
+            (r["method"], r["width"], r["batch_size"], r["speedup"]) for r in rows
+        ]
         torch.manual_seed(seed)
         tokenizer = WordTokenizer.from_texts(["a small red circle on the left", "a big square"])
         clip = TinyClip(TinyClipConfig(vocab_size=len(tokenizer))).eval()
@@ -986,6 +1002,13 @@ def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--widths", type=int, nargs="+", default=[64, 256, 1024], help="FFN widths for int8"
     )
+    parser.add_argument(
+        "--int8",
+        nargs="+",
+        choices=sorted(INT8_CHOICES),
+        default=list(INT8_CHOICES),
+        help="int8 versions to time against float32",
+    )
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per candidate")
     parser.add_argument("--compile-batch", type=int, default=32, help="images per compiled call")
     parser.add_argument(
@@ -1005,6 +1028,7 @@ def _deploy_main(args: argparse.Namespace) -> None:
     result = deploy_speed_ratios(
         threads=args.threads,
         widths=args.widths,
+        int8_methods=args.int8,
         repeats=args.repeats,
         compile_batch=args.compile_batch,
         run_compile=not args.no_compile,
@@ -1019,10 +1043,10 @@ def _deploy_main(args: argparse.Namespace) -> None:
         f"chapter 13 speed ratios on the CPU, {args.threads} threads, p50 of {args.repeats} "
         "calls; > 1 means the technique is faster (random weights: speed does not need training)"
     )
-    header = f"{'FFN width':>10} {'rows':>5} {'float32 / int8':>15}"
+    header = f"{'int8 version':<30} {'FFN width':>10} {'rows':>5} {'float32 / int8':>15}"
     print(header + "\n" + "-" * len(header))
-    for width, rows, ratio in result["int8_speedup"]:
-        print(f"{width:>10} {rows:>5} {ratio:>15.2f}")
+    for method, width, rows, ratio in result["int8_speedup"]:
+        print(f"{method:<30} {width:>10} {rows:>5} {ratio:>15.2f}")
     compiled = result["compile"]
     if compiled is None:
         print("torch.compile: skipped (--no-compile)")

@@ -8,7 +8,7 @@ of the same run:
    the device synchronised around every timed call, a fixed number of threads
    (``fixed_threads``), the median (p50) and 95th percentile (p95) latency and throughput,
    candidates timed in turn so that a slowdown of the machine hits all of them alike
-   (``sweep``).
+   (``sweep``); ``draw_sweep_point`` draws one point of a sweep (the chapter's explorer).
 2. Precision: bf16 autocast (``autocast_bf16``) and int8 quantisation, through
    ``torchao``'s ``quantize_`` (``quantize_torchao``: dynamic int8 activations and int8
    weights, or int8 weights only; the maintained path), through

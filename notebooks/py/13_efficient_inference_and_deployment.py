@@ -554,8 +554,8 @@ plt.show()
 # built by `CausalLM.from_transformers` from a `transformers` Llama so that both hold the
 # *same weights*. Ours decodes through `mmcourse.generation` (`deploy.greedy_decode`: our
 # KV cache, or the whole prefix recomputed every step); `transformers`' own `generate`
-# (`deploy.hf_generate`, `use_cache=True` or `False`) decodes the same prompt, and every
-# answer must be the same tokens. With `llm="random"` (the default, to keep the chapter
+# (`deploy.hf_generate`) decodes the same prompt with its cache, and every answer must be
+# the same tokens. With `llm="random"` (the default, to keep the chapter
 # fast) the weights are a randomly initialised Llama with SmolLM2's layer sizes (width
 # 576, 9 heads, 3 KV heads, vocabulary 49,152) and `llm_layers` layers: a layer costs the
 # same with random weights, but the text is gibberish (here, one token repeated).
@@ -577,9 +577,10 @@ else:
     prompt_ids = torch.randint(3, lm.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(seed))
 ours_lm = CausalLM.from_transformers(lm)  # chapter 11's decoder, the same weights
 lm_config = lm.config
-decoders = {"transformers generate": (deploy.hf_generate, lm), "our CausalLM": (deploy.greedy_decode, ours_lm)}
+runs = [("transformers generate", deploy.hf_generate, lm, True), ("our CausalLM", deploy.greedy_decode, ours_lm, True),
+        ("our CausalLM", deploy.greedy_decode, ours_lm, False)]
 decodes = {(name, use_cache): decode(model, prompt_ids, max_new_tokens=new_tokens, use_cache=use_cache)
-           for use_cache in (True, False) for name, (decode, model) in decoders.items()}  # in turn
+           for name, decode, model, use_cache in runs}
 reference_tokens = decodes["transformers generate", True].tokens
 same = {key: result.tokens == reference_tokens for key, result in decodes.items()}
 kv_speedup = decodes["our CausalLM", False].wall_s / decodes["our CausalLM", True].wall_s
