@@ -105,6 +105,7 @@ def test_int8_width_sweep_rows():
 # torchao (pinned by the course) is required here, not skipped: the chapter's int8 path
 
 
+@pytest.mark.slow
 def test_torchao_int8_is_smaller_and_agrees_with_float32(tmp_path):
     """torchao's int8 (dynamic and weight-only): the original untouched, the checkpoint
     about 4x smaller and loadable with weights_only=True, predictions of a random MLP
