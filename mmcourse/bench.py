@@ -894,7 +894,7 @@ def _generate_main(args: argparse.Namespace) -> None:
     if t.ours_recompute is not None:
         rows.append(("ours, no cache (recompute_step_fn)", t.ours_recompute))
     for name, seconds in rows:
-        print(f"{name:<36} {seconds * 1e3:>10.1f} {t.tokens_per_second(seconds):>10.0f}")
+        print(f"{name:<36} {seconds * 1e3:>10.1f} {t.tokens_per_second(seconds):>10.1f}")
     print(f"ratio ours / transformers: {t.ours_cached / t.transformers:.2f} (< 1: ours is faster)")
     if t.scratch_cached is not None:
         print(

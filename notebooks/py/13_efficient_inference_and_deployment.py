@@ -558,10 +558,10 @@ plt.show()
 # the same tokens. With `llm="random"` (the default, to keep the chapter
 # fast) the weights are a randomly initialised Llama with SmolLM2's layer sizes (width
 # 576, 9 heads, 3 KV heads, vocabulary 49,152) and `llm_layers` layers: a layer costs the
-# same with random weights, but the text is gibberish (here, one token repeated).
+# same with random weights, but the text is gibberish (its first tokens are printed).
 # `llm="smollm2"` loads SmolLM2-135M's real weights (hash-checked; the load takes
-# 10-17 s and its 30 layers decode several times slower, beyond this chapter's budget) and
-# decodes a real answer.
+# 10-17 s, and its 30 layers cost more per token than `llm_layers`, beyond this chapter's
+# budget) and decodes a real answer.
 
 # %%
 from mmcourse.llm import CausalLM
@@ -592,6 +592,8 @@ print(f"{'SmolLM2-135M' if llm == 'smollm2' else f'random Llama, {llm_layers} la
       f"{new_tokens} new")
 if lm_tokenizer is not None:
     print("answer:", lm_tokenizer.decode(reference_tokens, skip_special_tokens=True))
+else:
+    print("first generated token ids:", reference_tokens[:10])
 generation_table = pd.DataFrame([{"decoder": name, "KV cache": use_cache, "tokens / s": result.tokens_per_second,
                                   "same tokens as transformers (cached)": same[name, use_cache]}
                                  for (name, use_cache), result in decodes.items()]).set_index(["decoder", "KV cache"])
@@ -868,7 +870,7 @@ summary = pd.DataFrame([
     ("safetensors", "load time / torch.load's", checkpoint_table.load_ms["safetensors"] / checkpoint_table.load_ms["torch.save"],
      "shipping weights"),
     ("dynamic batching", "server throughput ratio", ratio, "many concurrent requests"),
-    ("captioning service", "attribute accuracy (shuffled)", caption_acc, f"served captions ({shuffled_acc:.2f})"),
+    ("captioning service", "attribute accuracy", caption_acc, f"greedy captions over HTTP (shuffled scenes: {shuffled_acc:.2f})"),
 ], columns=["technique", "measured", "value", "when to use it"])
 summary["value"] = summary["value"].map(lambda v: f"{v:.3g}")
 print(f"notebook ran in {time.perf_counter() - notebook_start:.0f} s on {device} with {threads} thread(s)")
