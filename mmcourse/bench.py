@@ -13,9 +13,11 @@ function that adds its options to an ``argparse`` parser, and a function that ru
                                   [--lr 1e-3]
     python -m mmcourse.bench generate [--device auto] [--model tiny-llama] [--new-tokens 256]
                                       [--prompt-length 16] [--batch 1] [--repeats 3]
-                                      [--no-recompute] [--hidden 64] [--layers 4] [--heads 4]
+                                      [--no-recompute] [--no-scratch] [--hidden 64]
+                                      [--layers 4] [--heads 4]
                                       [--vocab-size 1024] [--seed 0]
-    python -m mmcourse.bench deploy [--threads 2] [--widths 64 256 1024] [--repeats 15]
+    python -m mmcourse.bench deploy [--threads 2] [--widths 64 256 1024]
+                                    [--int8 torchao torchao-weight-only torch.ao] [--repeats 15]
                                     [--compile-batch 32] [--no-compile] [--llm-layers 4]
                                     [--llm-hidden 576] [--new-tokens 48] [--requests 96]
                                     [--concurrency 16] [--window-ms 5]
@@ -39,8 +41,11 @@ initialised ``LlamaForCausalLM`` of ``--hidden``, ``--layers``, ``--heads``,
 ``--vocab-size``): :func:`mmcourse.generation.generate` through ``hf_step_fn`` (the
 model's KV cache) against the model's own ``generate`` (their tokens are checked equal
 first), and ours again through ``recompute_step_fn`` (no cache: the whole prefix every
-step). One timed call is one whole decoding. Chapters add models to
-:data:`GENERATION_MODELS`.
+step). For a Llama (``tiny-llama``, ``smollm2``) it also times chapter 11's from-scratch
+decoder, :class:`mmcourse.llm.CausalLM` built by ``CausalLM.from_transformers`` on the
+same weights, through the same library with its own KV cache (``--no-scratch`` skips it);
+its tokens are checked against ``transformers``' too. One timed call is one whole
+decoding. Chapters add models to :data:`GENERATION_MODELS`.
 
 Timing: each candidate is first warmed up, then timed in blocks of calls long enough to
 beat the timer's resolution (``torch.utils.benchmark.Timer``, which also synchronises a
@@ -48,8 +53,9 @@ GPU); the candidates of one row are timed **in turn**, block after block, so tha
 slowdown of the machine hits all of them alike, and each reports the **median** block.
 Only the ratios are meant to be compared; on a shared CPU the times wander.
 
-``deploy`` prints the speed ratios of chapter 13 on this machine, on the CPU: int8 dynamic
-quantisation against float32 over the FFN width; ``torch.compile`` (inductor, cold caches) of
+``deploy`` prints the speed ratios of chapter 13 on this machine, on the CPU: int8
+quantisation against float32 over the FFN width (``--int8``: torchao's dynamic and
+weight-only int8, the deprecated ``torch.ao`` dynamic int8); ``torch.compile`` (inductor, cold caches) of
 a tiny CLIP's image tower, its speed-up after warm-up and break-even calls; greedy decoding
 with the KV cache against without, on a randomly initialised Llama of SmolLM2's layer sizes
 (``--llm-layers``; speed does not depend on the weights); and a served tiny CLIP (random
@@ -654,7 +660,10 @@ def _clip_main(args: argparse.Namespace) -> None:
 
 def _tiny_llama(args: argparse.Namespace) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` of the sizes in ``args`` (no stop token)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from mmcourse.deploy import quiet_torchao_imports
+
+    with quiet_torchao_imports():  # transformers imports torchao's notices with its models
+        from transformers import LlamaConfig, LlamaForCausalLM
 
     positive_int(
         hidden=args.hidden, layers=args.layers, heads=args.heads, vocab_size=args.vocab_size
@@ -681,9 +690,11 @@ def _tiny_llama(args: argparse.Namespace) -> nn.Module:
 # (a pretrained SmolLM2) here; the timing below works for any transformers causal LM.
 def _smollm2(args: argparse.Namespace) -> nn.Module:
     """SmolLM2-135M-Instruct from the bundled GGUF file (chapter 11), hash-checked, offline."""
+    from mmcourse.deploy import quiet_torchao_imports
     from mmcourse.pretrained import load_language_model
 
-    return load_language_model()[1]
+    with quiet_torchao_imports():
+        return load_language_model()[1]
 
 
 GENERATION_MODELS: dict[str, Callable[[argparse.Namespace], nn.Module]] = {
@@ -702,6 +713,7 @@ class GenerationTimings:
     ours_cached: float  # mmcourse.generation.generate with hf_step_fn (the model's KV cache)
     transformers: float  # model.generate(do_sample=False, num_beams=1)
     ours_recompute: float | None  # the same through recompute_step_fn (no cache); None: skipped
+    scratch_cached: float | None = None  # our from-scratch CausalLM, its KV cache; None: skipped
 
     def tokens_per_second(self, seconds: float) -> float:
         return self.batch * self.new_tokens / seconds
@@ -715,6 +727,7 @@ def generation_timings(
     batch: int = 1,
     repeats: int = 3,
     recompute: bool = True,
+    scratch: bool = True,
     device: str | torch.device = "auto",
     seed: int = 0,
 ) -> GenerationTimings:
@@ -731,6 +744,8 @@ def generation_timings(
         repeats: timed calls per candidate, in turn (the median is reported), after one
             untimed call each (the equality check).
         recompute: also time decoding without the cache.
+        scratch: also time chapter 11's from-scratch decoder on the same weights
+            (``CausalLM.from_transformers``; a ``LlamaForCausalLM`` only, skipped otherwise).
         device: where to run.
         seed: for the random prompts.
 
@@ -774,6 +789,20 @@ def generation_timings(
             "our greedy decoding and transformers' generate chose different tokens"
         )
     candidates = {"ours": ours, "transformers": theirs}
+    if scratch and type(model).__name__ == "LlamaForCausalLM":
+        from mmcourse.llm import CausalLM
+
+        scratch_model = CausalLM.from_transformers(model)
+
+        def ours_scratch() -> torch.Tensor:
+            return generate(
+                scratch_model.step_fn, ids, attention_mask=mask, config=ours_config
+            ).sequences
+
+        differ = (ours_scratch() != theirs_tokens).sum().item()
+        if differ:  # float rounding can differ between the two implementations
+            logger.warning("the from-scratch decoder chose %d different tokens", differ)
+        candidates["scratch"] = ours_scratch
     if recompute:
         differ = (ours_recompute() != ours_tokens).sum().item()
         if differ:  # float rounding can differ between the two paths on a large model
@@ -787,6 +816,7 @@ def generation_timings(
         ours_cached=times["ours"],
         transformers=times["transformers"],
         ours_recompute=times.get("recompute"),
+        scratch_cached=times.get("scratch"),
     )
 
 
@@ -821,6 +851,9 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="B prompts decoded together")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per candidate")
     parser.add_argument("--no-recompute", action="store_true", help="skip the no-cache timing")
+    parser.add_argument(
+        "--no-scratch", action="store_true", help="skip chapter 11's from-scratch decoder"
+    )
     parser.add_argument("--hidden", type=int, default=64, help="tiny-llama: hidden size")
     parser.add_argument("--layers", type=int, default=4, help="tiny-llama: decoder layers")
     parser.add_argument("--heads", type=int, default=4, help="tiny-llama: attention heads")
@@ -839,6 +872,7 @@ def _generate_main(args: argparse.Namespace) -> None:
         batch=args.batch,
         repeats=args.repeats,
         recompute=not args.no_recompute,
+        scratch=not args.no_scratch,
         device=device,
         seed=args.seed,
     )
@@ -855,11 +889,18 @@ def _generate_main(args: argparse.Namespace) -> None:
         ("ours, KV cache (hf_step_fn)", t.ours_cached),
         ("transformers generate", t.transformers),
     ]
+    if t.scratch_cached is not None:
+        rows.append(("ours, from-scratch CausalLM, KV cache", t.scratch_cached))
     if t.ours_recompute is not None:
         rows.append(("ours, no cache (recompute_step_fn)", t.ours_recompute))
     for name, seconds in rows:
-        print(f"{name:<36} {seconds * 1e3:>10.1f} {t.tokens_per_second(seconds):>10.0f}")
+        print(f"{name:<36} {seconds * 1e3:>10.1f} {t.tokens_per_second(seconds):>10.1f}")
     print(f"ratio ours / transformers: {t.ours_cached / t.transformers:.2f} (< 1: ours is faster)")
+    if t.scratch_cached is not None:
+        print(
+            f"ratio from-scratch decoder / transformers: {t.scratch_cached / t.transformers:.2f} "
+            "(the same weights; < 1: ours is faster)"
+        )
     if t.ours_recompute is not None:
         print(
             f"speed-up from the KV cache (no cache / cache): {t.ours_recompute / t.ours_cached:.2f}"
@@ -869,10 +910,19 @@ def _generate_main(args: argparse.Namespace) -> None:
 # --- the deployment benchmark (chapter 13) ------------------------------------------------
 
 
+# --int8 choices -> mmcourse.deploy.INT8_METHODS names
+INT8_CHOICES = {
+    "torchao": "torchao dynamic",
+    "torchao-weight-only": "torchao weight-only",
+    "torch.ao": "torch.ao dynamic (deprecated)",
+}
+
+
 def deploy_speed_ratios(
     *,
     threads: int = 2,
     widths: Sequence[int] = (64, 256, 1024),
+    int8_methods: Sequence[str] = ("torchao", "torchao-weight-only", "torch.ao"),
     repeats: int = 15,
     compile_batch: int = 32,
     run_compile: bool = True,
@@ -887,7 +937,7 @@ def deploy_speed_ratios(
     """The speed ratios of chapter 13 on this CPU (see the module docstring).
 
     Returns:
-        ``{"int8_speedup": [(width, rows, ratio), ...], "compile": CompileResult | None,
+        ``{"int8_speedup": [(method, width, rows, ratio), ...], "compile": CompileResult | None,
         "kv_cache_speedup", "dynamic_batching_throughput_ratio"}``.
     """
     import tempfile
@@ -901,8 +951,13 @@ def deploy_speed_ratios(
         raise ValueError(f"llm_hidden={llm_hidden} must be a multiple of SmolLM2's 9 heads")
     out: dict[str, Any] = {}
     with deploy.fixed_threads(threads):
-        rows = deploy.int8_width_sweep(widths, batch_sizes=(1, 64), repeats=repeats, seed=seed)
-        out["int8_speedup"] = [(r["width"], r["batch_size"], r["speedup"]) for r in rows]
+        methods = [INT8_CHOICES[m] for m in int8_methods]
+        rows = deploy.int8_width_sweep(
+            widths, batch_sizes=(1, 64), methods=methods, repeats=repeats, seed=seed
+        )
+        out["int8_speedup"] = [
+            (r["method"], r["width"], r["batch_size"], r["speedup"]) for r in rows
+        ]
         torch.manual_seed(seed)
         tokenizer = WordTokenizer.from_texts(["a small red circle on the left", "a big square"])
         clip = TinyClip(TinyClipConfig(vocab_size=len(tokenizer))).eval()
@@ -947,6 +1002,13 @@ def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--widths", type=int, nargs="+", default=[64, 256, 1024], help="FFN widths for int8"
     )
+    parser.add_argument(
+        "--int8",
+        nargs="+",
+        choices=sorted(INT8_CHOICES),
+        default=list(INT8_CHOICES),
+        help="int8 versions to time against float32",
+    )
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per candidate")
     parser.add_argument("--compile-batch", type=int, default=32, help="images per compiled call")
     parser.add_argument(
@@ -966,6 +1028,7 @@ def _deploy_main(args: argparse.Namespace) -> None:
     result = deploy_speed_ratios(
         threads=args.threads,
         widths=args.widths,
+        int8_methods=args.int8,
         repeats=args.repeats,
         compile_batch=args.compile_batch,
         run_compile=not args.no_compile,
@@ -980,10 +1043,10 @@ def _deploy_main(args: argparse.Namespace) -> None:
         f"chapter 13 speed ratios on the CPU, {args.threads} threads, p50 of {args.repeats} "
         "calls; > 1 means the technique is faster (random weights: speed does not need training)"
     )
-    header = f"{'FFN width':>10} {'rows':>5} {'float32 / int8':>15}"
+    header = f"{'int8 version':<30} {'FFN width':>10} {'rows':>5} {'float32 / int8':>15}"
     print(header + "\n" + "-" * len(header))
-    for width, rows, ratio in result["int8_speedup"]:
-        print(f"{width:>10} {rows:>5} {ratio:>15.2f}")
+    for method, width, rows, ratio in result["int8_speedup"]:
+        print(f"{method:<30} {width:>10} {rows:>5} {ratio:>15.2f}")
     compiled = result["compile"]
     if compiled is None:
         print("torch.compile: skipped (--no-compile)")

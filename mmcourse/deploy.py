@@ -8,22 +8,25 @@ of the same run:
    the device synchronised around every timed call, a fixed number of threads
    (``fixed_threads``), the median (p50) and 95th percentile (p95) latency and throughput,
    candidates timed in turn so that a slowdown of the machine hits all of them alike
-   (``sweep``).
-2. Precision: bf16 autocast (``autocast_bf16``) and int8 dynamic quantisation, through
+   (``sweep``); ``draw_sweep_point`` draws one point of a sweep (the chapter's explorer).
+2. Precision: bf16 autocast (``autocast_bf16``) and int8 quantisation, through
+   ``torchao``'s ``quantize_`` (``quantize_torchao``: dynamic int8 activations and int8
+   weights, or int8 weights only; the maintained path), through
    ``torch.ao.quantization.quantize_dynamic`` (``quantize_int8``; deprecated in torch 2.13,
-   which points to ``torchao``) and ONNX Runtime's ``quantize_dynamic``
-   (``quantize_onnx_int8``); ``int8_width_sweep`` shows at which layer width int8 starts to
-   beat float32 on a CPU; ``serialized_bytes`` measures the size on disk.
+   kept as a comparison) and ONNX Runtime's ``quantize_dynamic`` (``quantize_onnx_int8``);
+   ``int8_width_sweep`` shows at which layer width int8 starts to beat float32 on a CPU;
+   ``serialized_bytes`` measures the size on disk.
 3. ``torch.compile``: ``measure_compile`` reports the compile time on its own, the speed-up
    after it and the number of calls that pay it back.
 4. Attention kernels: ``attention_backend_timings`` times ``F.scaled_dot_product_attention``
    with each SDPA backend this device has, against chapter 02's reference attention.
-5. Generation with and without the KV cache (``greedy_decode``, ``kv_cache_bytes``) on a
-   Llama decoder: SmolLM2-135M's real weights (``load_smollm2``) or a randomly initialised
-   Llama of SmolLM2's layer sizes (``random_llama``; the same cost per layer). Chapter 11's
-   own Llama decoder takes the place of the ``transformers`` model in ``greedy_decode``: any
-   model called as ``model(input_ids, past_key_values=..., use_cache=...)`` that returns
-   ``.logits`` and ``.past_key_values`` works.
+5. Generation with and without the KV cache (``greedy_decode``, ``hf_generate``,
+   ``kv_cache_bytes``) on a Llama decoder: SmolLM2-135M's real weights (``load_smollm2``) or
+   a randomly initialised Llama of SmolLM2's layer sizes (``random_llama``; the same cost
+   per layer). ``greedy_decode`` drives a ``transformers`` causal LM (its own cache) or
+   chapter 11's from-scratch :class:`mmcourse.llm.CausalLM` (``CausalLM.from_transformers``
+   on the same weights) through :mod:`mmcourse.generation`; ``hf_generate`` times
+   ``transformers``' own ``generate`` on the same prompt.
 6. Export: ``export_onnx`` (``torch.onnx.export(..., dynamo=True)``, the exporter torch 2.13
    recommends) of the CLIP towers (``ImageTower``, ``TextTower``), run with ONNX Runtime
    (``onnx_session``, ``run_onnx``); ``checkpoint_load_times`` compares safetensors with
@@ -56,7 +59,7 @@ from torch import Tensor, nn
 from mmcourse.attention import scaled_dot_product_attention
 from mmcourse.generation import GenerationConfig, generate, hf_step_fn, recompute_step_fn
 from mmcourse.pretrained import load_language_model
-from mmcourse.utils import get_device, non_negative_int, positive_int
+from mmcourse.utils import get_device, non_negative_int, one_of, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +243,53 @@ def sweep(
     return rows
 
 
+def draw_sweep_point(
+    fig: Any,
+    *,
+    table: Sequence[Mapping[str, Any]],
+    batch: int,
+    candidate: str,
+    baseline: str = "float32 eager",
+) -> None:
+    """The explorer of chapter 13: one (batch size, candidate) of a :func:`sweep` table.
+
+    Left: its p50 and p95 latency per call; right: its throughput against the baseline's
+    at the same batch size. Nothing is re-timed: the numbers are the table's.
+
+    Args:
+        fig: a matplotlib figure (cleared and filled).
+        table: the rows of :func:`sweep` (or a DataFrame's ``to_dict("records")``).
+        batch: one of the table's batch sizes.
+        candidate: one of its candidates.
+        baseline: the candidate to compare the throughput with.
+
+    Taught in notebooks/13_efficient_inference_and_deployment.
+    """
+
+    def row(name: str) -> Mapping[str, Any]:
+        for r in table:
+            if r["candidate"] == name and r["batch_size"] == batch:
+                return r
+        batches = sorted({r["batch_size"] for r in table})
+        names = list(dict.fromkeys(r["candidate"] for r in table))
+        raise ValueError(
+            f"no row for candidate {name!r} at batch size {batch}; the table has batch sizes "
+            f"{batches} and candidates {names}"
+        )
+
+    chosen, base = row(candidate), row(baseline)
+    fig.clear()
+    left, right = fig.subplots(1, 2)
+    left.bar(["p50", "p95"], [chosen["p50_ms"], chosen["p95_ms"]], color=["C0", "C3"])
+    left.set(ylabel="ms per call", title=f"{candidate}, B = {batch}")
+    right.bar(
+        [baseline, candidate], [base["throughput"], chosen["throughput"]], color=["gray", "C2"]
+    )
+    ratio = chosen["throughput"] / base["throughput"]
+    right.set(ylabel="items / s", title=f"throughput: {ratio:.2f}x {baseline}")
+    right.tick_params(axis="x", labelsize=7)
+
+
 # --- 2. precision: bf16 autocast and int8 -------------------------------------------------
 
 
@@ -259,7 +309,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
     This is ``torch.ao.quantization.quantize_dynamic``, which torch 2.13 still ships but
     marks deprecated (its warning points to ``torchao``'s ``quantize_`` API, the maintained
-    path, not installed in the course environment); the warning is silenced here.
+    path: :func:`quantize_torchao`); the warning is silenced here. Its quantised Linear is
+    one fused C++ call (fbgemm), which is why it is still the fastest eager int8 on a CPU.
 
     Args:
         model: a float32 model on the CPU; it is not modified.
@@ -279,11 +330,106 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
 
 
+TORCHAO_MODES = ("dynamic", "weight-only")
+
+
+@contextlib.contextmanager
+def quiet_torchao_imports() -> Iterator[None]:
+    """Silence the notices that importing torchao prints, for the block.
+
+    torchao 0.18 logs a warning for each CUDA-only extension it cannot load on a CPU-only
+    torch (and that Triton is missing), and registers pytree types that torch 2.13 reports
+    as deprecated; none of it matters here. ``transformers`` imports torchao (its torchao
+    quantiser) when it builds or loads a model, so the model builders of this module use it
+    too.
+    """
+    names = ("torchao", "torch.utils._pytree")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _import_torchao() -> Any:
+    """``torchao.quantization``, its import notices silenced."""
+    with quiet_torchao_imports():
+        try:
+            import torchao.quantization as quantization
+        except ImportError as err:
+            raise ImportError(
+                "quantize_torchao needs torchao (pip install torchao==0.18.0, the version the "
+                "course pins)"
+            ) from err
+    return quantization
+
+
+def quantize_torchao(model: nn.Module, *, mode: str = "dynamic") -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` quantised to int8 by ``torchao``.
+
+    ``torchao.quantization.quantize_`` swaps each Linear's weight for a tensor subclass
+    (``Int8Tensor``) that holds int8 values and one float scale per output row
+    (W ~ s_W W_q, symmetric); its ``linear`` is re-implemented for that subclass:
+
+    * ``mode="dynamic"`` (``Int8DynamicActivationInt8WeightConfig``): each activation row
+      (token) is quantised to int8 with its own scale measured at run time, the product is an
+      int8 x int8 -> int32 matmul (``torch._int_mm``), rescaled by s_x s_W;
+    * ``mode="weight-only"`` (``Int8WeightOnlyConfig``): the activations stay float32 and
+      the int8 weight is converted back to float32 for a float matmul; it saves memory and,
+      where reading the weights is the bottleneck (decoding one token on a GPU), time.
+
+    Both run eagerly as several separate ops per Linear (quantise, matmul, rescale),
+    dispatched through the tensor subclass in Python; torchao relies on ``torch.compile``
+    to fuse them.
+
+    Args:
+        model: a float32 model on the CPU; it is not modified.
+        mode: one of :data:`TORCHAO_MODES`.
+
+    Returns:
+        The quantised copy, in eval mode; ``torch.save`` of its ``state_dict`` stores the
+        int8 weights, and ``torch.load(..., weights_only=True)`` reads them back.
+
+    Taught in notebooks/13_efficient_inference_and_deployment.
+    """
+    one_of("mode", mode, TORCHAO_MODES)
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("quantize_torchao is used on the CPU here; move the model there first")
+    quantization = _import_torchao()
+    # set_inductor_config=False: quantize_ would otherwise change torch.compile's global
+    # settings for the whole process (torchao's recommended ones for its kernels)
+    config = (
+        quantization.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+        if mode == "dynamic"
+        else quantization.Int8WeightOnlyConfig(set_inductor_config=False)
+    )
+    quantized = copy.deepcopy(model).eval()
+    quantization.quantize_(quantized, config)
+    return quantized
+
+
+# the int8 variants that int8_width_sweep can compare, by name
+INT8_METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "torchao dynamic": lambda m: quantize_torchao(m, mode="dynamic"),
+    "torchao weight-only": lambda m: quantize_torchao(m, mode="weight-only"),
+    "torch.ao dynamic (deprecated)": quantize_int8,
+}
+
+
 def serialized_bytes(model_or_state: nn.Module | Mapping[str, Any]) -> int:
-    """Bytes of ``torch.save(state_dict)``: the size of the checkpoint on disk."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    """Bytes of ``torch.save(state_dict)``: the size of the checkpoint on disk.
+
+    Works inside ``torch.inference_mode()`` too (saving torchao's int8 tensors there fails).
+    """
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    with torch.inference_mode(False):
+        is_model = isinstance(model_or_state, nn.Module)
+        state = model_or_state.state_dict() if is_model else model_or_state
+        torch.save(state, buffer)
     return buffer.getbuffer().nbytes
 
 
@@ -298,26 +444,35 @@ def int8_width_sweep(
     widths: Sequence[int],
     *,
     batch_sizes: Sequence[int] = (1, 64),
+    methods: Sequence[str] = ("torch.ao dynamic (deprecated)",),
     repeats: int = 10,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Float32 vs int8 (dynamic) latency of a transformer FFN, ``D -> 4D -> D``, over widths.
+    """Float32 vs int8 latency of a transformer FFN, ``D -> 4D -> D``, over widths.
 
     Int8 saves memory traffic and multiplies faster, but each call pays to quantise the
-    activations and to dequantise the result: at small D and B that fixed cost wins.
+    activations and to dequantise the result (and, for torchao's tensor subclasses, to
+    dispatch several ops from Python): at small D and B that fixed cost wins.
 
     Args:
         widths: the D to measure.
         batch_sizes: rows per call (tokens) to measure at each width.
-        repeats: timed calls per candidate (after 2 warm-up calls), median reported.
+        methods: names in :data:`INT8_METHODS`, each timed against float32.
+        repeats: timed calls per candidate (after 2 warm-up calls), median reported; all
+            candidates of one (D, B) are timed in turn.
         seed: for the weights and inputs.
 
     Returns:
-        One row per (D, B): ``{"width", "batch_size", "float32_ms", "int8_ms", "speedup"}``
-        with speedup = float32 time / int8 time (> 1: int8 faster).
+        One row per (D, B, method): ``{"width", "batch_size", "method", "float32_ms",
+        "int8_ms", "speedup", "max_abs_diff"}`` with speedup = float32 time / int8 time
+        (> 1: int8 faster) and the largest |int8 - float32| output on the timed input.
 
     Taught in notebooks/13_efficient_inference_and_deployment.
     """
+    if isinstance(methods, str) or not methods:
+        raise ValueError(f"methods must be a non-empty list of names, got {methods!r}")
+    for method in methods:
+        one_of("method", method, tuple(INT8_METHODS))
     rows = []
     gen = torch.Generator().manual_seed(seed)
     for D in widths:
@@ -325,7 +480,7 @@ def int8_width_sweep(
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
             ffn = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D)).eval()
-        int8 = quantize_int8(ffn)
+        models = {"float32": ffn, **{m: INT8_METHODS[m](ffn) for m in methods}}
 
         def run(model: nn.Module) -> Callable[[Tensor], Tensor]:
             def call(x: Tensor) -> Tensor:
@@ -334,20 +489,31 @@ def int8_width_sweep(
 
             return call
 
+        inputs = {B: torch.randn(B, D, generator=gen) for B in batch_sizes}  # (B, D)
         table = sweep(
-            {"float32": run(ffn), "int8": run(int8)},
-            lambda B, D=D: torch.randn(B, D, generator=gen),  # (B, D)
+            {name: run(model) for name, model in models.items()},
+            inputs.__getitem__,
             batch_sizes,
             repeats=repeats,
         )
+        p50 = {(r["candidate"], r["batch_size"]): r["p50_ms"] for r in table}
         for B in batch_sizes:
-            f32, i8 = (
-                next(r["p50_ms"] for r in table if r["candidate"] == c and r["batch_size"] == B)
-                for c in ("float32", "int8")
-            )
-            rows.append(
-                {"width": D, "batch_size": B, "float32_ms": f32, "int8_ms": i8, "speedup": f32 / i8}
-            )
+            with torch.inference_mode():
+                reference = ffn(inputs[B])
+                for method in methods:
+                    diff = (models[method](inputs[B]) - reference).abs().max().item()
+                    f32, i8 = p50[("float32", B)], p50[(method, B)]
+                    rows.append(
+                        {
+                            "width": D,
+                            "batch_size": B,
+                            "method": method,
+                            "float32_ms": f32,
+                            "int8_ms": i8,
+                            "speedup": f32 / i8,
+                            "max_abs_diff": diff,
+                        }
+                    )
     return rows
 
 
@@ -565,7 +731,8 @@ def load_smollm2(*, verify: bool = True) -> tuple[nn.Module, Any]:
     Raises:
         ModelFileError: the package is missing or the file's SHA-256 is not the expected one.
     """
-    tokenizer, model = load_language_model(verify=verify)
+    with quiet_torchao_imports():
+        tokenizer, model = load_language_model(verify=verify)
     return model.eval(), tokenizer
 
 
@@ -599,11 +766,11 @@ def random_llama(*, num_layers: int = 4, seed: int = 0, **sizes: Any) -> nn.Modu
     Returns:
         ``LlamaForCausalLM`` in eval mode.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     positive_int(num_layers=num_layers)
     config = {**SMOLLM2_SIZES, **sizes, "num_hidden_layers": num_layers}
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), quiet_torchao_imports():
+        from transformers import LlamaConfig, LlamaForCausalLM
+
         torch.manual_seed(seed)
         return LlamaForCausalLM(LlamaConfig(**config)).eval()
 
@@ -637,17 +804,26 @@ def kv_cache_bytes(
 
 @dataclass
 class DecodeResult:
-    """Greedy decoding of one prompt, step by step.
+    """Greedy decoding of one prompt, timed.
 
     Taught in notebooks/13_efficient_inference_and_deployment.
     """
 
     tokens: list[int]  # the T generated token ids
     step_s: list[float] = field(default_factory=list)  # seconds of each step (step 0: prompt)
+    wall_s: float = 0.0  # seconds of the whole decoding call
 
     @property
     def tokens_per_second(self) -> float:
-        return len(self.tokens) / sum(self.step_s)
+        """Generated tokens per second of the whole call (prompt included in the time)."""
+        return len(self.tokens) / self.wall_s
+
+
+def _check_prompt(prompt_ids: Tensor, max_new_tokens: int) -> None:
+    positive_int(max_new_tokens=max_new_tokens)
+    if not isinstance(prompt_ids, Tensor) or prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+        got = tuple(prompt_ids.shape) if isinstance(prompt_ids, Tensor) else type(prompt_ids)
+        raise ValueError(f"expected prompt_ids of shape (1, N), got {got}")
 
 
 @torch.inference_mode()
@@ -662,9 +838,11 @@ def greedy_decode(
     token and attends to the cached keys and values.
 
     Args:
-        model: a ``transformers`` causal LM, decoded by :func:`mmcourse.generation.generate`
-            through :func:`~mmcourse.generation.hf_step_fn` (its own KV cache) or, without
-            the cache, :func:`~mmcourse.generation.recompute_step_fn`; each step is timed.
+        model: chapter 11's from-scratch :class:`mmcourse.llm.CausalLM` (its
+            ``step_fn``, its own KV cache) or a ``transformers`` causal LM (through
+            :func:`~mmcourse.generation.hf_step_fn`, the model's cache), decoded by
+            :func:`mmcourse.generation.generate`; without the cache through
+            :func:`~mmcourse.generation.recompute_step_fn`. Each step is timed.
         prompt_ids: (1, N) token ids.
         max_new_tokens: T, tokens to generate (no early stop at an end token, so that both
             paths do the same work).
@@ -672,14 +850,14 @@ def greedy_decode(
 
     Returns:
         :class:`DecodeResult`; the tokens equal ``model.generate(prompt_ids, do_sample=False,
-        max_new_tokens=T, min_new_tokens=T)``.
+        max_new_tokens=T, min_new_tokens=T)`` of the ``transformers`` model.
 
     Taught in notebooks/13_efficient_inference_and_deployment.
     """
-    positive_int(max_new_tokens=max_new_tokens)
-    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
-        raise ValueError(f"expected prompt_ids of shape (1, N), got {tuple(prompt_ids.shape)}")
-    step = hf_step_fn(model)  # the model's own KV cache
+    from mmcourse.llm import CausalLM
+
+    _check_prompt(prompt_ids, max_new_tokens)
+    step = model.step_fn if isinstance(model, CausalLM) else hf_step_fn(model)
     if not use_cache:
         step = recompute_step_fn(step)  # (1, N + t): the whole sequence every step
     result = DecodeResult(tokens=[])
@@ -690,9 +868,43 @@ def greedy_decode(
         result.step_s.append(time.perf_counter() - start)
         return out
 
+    start = time.perf_counter()
     out = generate(timed_step, prompt_ids, config=GenerationConfig(max_new_tokens=max_new_tokens))
+    result.wall_s = time.perf_counter() - start
     result.tokens = out.generated[0].tolist()
     return result
+
+
+@torch.inference_mode()
+def hf_generate(
+    model: nn.Module, prompt_ids: Tensor, *, max_new_tokens: int, use_cache: bool = True
+) -> DecodeResult:
+    """``transformers``' own greedy ``generate``, timed as one call (no per-step times).
+
+    Exactly ``max_new_tokens`` tokens (``min_new_tokens`` too, so no early stop), greedy,
+    with or without the model's KV cache (``use_cache``).
+
+    Returns:
+        :class:`DecodeResult` with ``tokens`` and ``wall_s``.
+
+    Taught in notebooks/13_efficient_inference_and_deployment.
+    """
+    _check_prompt(prompt_ids, max_new_tokens)
+    with quiet_torchao_imports():  # a first generate may import transformers' torchao parts
+        model.generate(prompt_ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    start = time.perf_counter()
+    out = model.generate(
+        prompt_ids,
+        attention_mask=torch.ones_like(prompt_ids),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=use_cache,
+        pad_token_id=0,
+    )
+    wall_s = time.perf_counter() - start
+    return DecodeResult(tokens=out[0, prompt_ids.shape[1] :].tolist(), wall_s=wall_s)
 
 
 # --- 6. export: ONNX and checkpoints ------------------------------------------------------

@@ -7,7 +7,9 @@
    as one batch, up to ``max_batch_size``; switched off, every request runs on its own.
 3. ``create_app``: the FastAPI app. ``POST /classify`` (zero-shot classification of one
    image among the labels sent), ``POST /retrieve`` (the gallery images closest to a text),
-   ``GET /health``. Bad requests get a 4xx with a message saying what was expected.
+   ``POST /caption`` (chapter 10's captioner, greedy decoding; ``save_captioner_bundle`` /
+   ``load_captioner_bundle`` store it as safetensors and JSON), ``GET /health``. Bad
+   requests get a 4xx with a message saying what was expected.
 4. ``start_server`` / ``stop_server`` / ``serving``: uvicorn in a background thread on
    127.0.0.1 (never another interface), on a free port, always stopped.
 5. ``run_load``: a bounded load generator with ``httpx``: a fixed number of requests at a
@@ -39,8 +41,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor
 
+from mmcourse.captioning import Captioner, CaptionerConfig, generate_text
 from mmcourse.clip import TinyClip, TinyClipConfig, WordTokenizer, zero_shot_scores
 from mmcourse.deploy import LatencyStats
+from mmcourse.generation import GenerationConfig
 from mmcourse.utils import positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -143,6 +147,75 @@ def load_clip_bundle(folder: str | Path) -> ClipBundle:
         gallery_embeds=embeds,
         gallery_captions=list(config.get("gallery_captions", [])),
     )
+
+
+@dataclass
+class CaptionerBundle:
+    """A captioner to serve: chapter 10's model and the tokenizer it was trained with."""
+
+    model: Captioner  # in eval mode, on the CPU
+    tokenizer: WordTokenizer  # its vocabulary
+
+
+CAPTIONER_FILES = ("captioner.safetensors", "captioner.json")
+
+
+def save_captioner_bundle(
+    folder: str | Path, model: Captioner, tokenizer: WordTokenizer, *, overwrite: bool = False
+) -> Path:
+    """Write ``captioner.safetensors`` and ``captioner.json`` (config, vocabulary) to ``folder``.
+
+    The names differ from :func:`save_clip_bundle`'s, so one folder can hold both.
+
+    Args:
+        folder: created if missing; refuses to replace a captioner unless ``overwrite``.
+        model: a :class:`mmcourse.captioning.Captioner`.
+        tokenizer: its :class:`WordTokenizer` (``vocab_size`` must match the model's).
+        overwrite: replace the files of an existing captioner.
+
+    Returns:
+        The folder.
+
+    Taught in notebooks/13_efficient_inference_and_deployment.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, Captioner):
+        raise ValueError(f"expected a Captioner, got {type(model).__name__}")
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the captioner's vocabulary "
+            f"{model.config.vocab_size}: not the tokenizer it was trained with"
+        )
+    folder = Path(folder)
+    files = [folder / name for name in CAPTIONER_FILES]
+    if not overwrite and any(f.exists() for f in files):
+        raise FileExistsError(
+            f"{folder} already holds a captioner; pass overwrite=True to replace it"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(files[0]))
+    config = {"captioner": asdict(model.config), "vocab": tokenizer.id_to_token[5:]}
+    files[1].write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def load_captioner_bundle(folder: str | Path) -> CaptionerBundle:
+    """Load what :func:`save_captioner_bundle` wrote (safetensors and JSON: no pickle).
+
+    Taught in notebooks/13_efficient_inference_and_deployment.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in CAPTIONER_FILES:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"no {name} in {folder}: not a folder of save_captioner_bundle")
+    config = json.loads((folder / CAPTIONER_FILES[1]).read_text())
+    model = Captioner(CaptionerConfig(**config["captioner"]))
+    model.load_state_dict(load_file(str(folder / CAPTIONER_FILES[0])))
+    return CaptionerBundle(model=model.eval(), tokenizer=WordTokenizer(config["vocab"]))
 
 
 # --- 2. dynamic batching ------------------------------------------------------------------
@@ -280,6 +353,13 @@ class RetrieveRequest(BaseModel):
     k: int = 5  # how many gallery images to return
 
 
+class CaptionRequest(BaseModel):
+    """The body of ``POST /caption``."""
+
+    image: Any  # (3, S, S) nested list in [0, 1], checked by parse_image
+    max_new_tokens: int = 20  # the longest caption, the end token included
+
+
 class BadRequest(Exception):
     """A request the service cannot answer; the message says what was expected."""
 
@@ -312,7 +392,12 @@ def parse_image(value: Any, image_size: int) -> Tensor:
     return image
 
 
-def create_app(bundle: ClipBundle | str | Path, config: ServeConfig | None = None) -> Any:
+def create_app(
+    bundle: ClipBundle | str | Path,
+    config: ServeConfig | None = None,
+    *,
+    captioner: CaptionerBundle | str | Path | None = None,
+) -> Any:
     """The FastAPI app serving zero-shot classification and retrieval with a tiny CLIP.
 
     Endpoints (JSON in, JSON out):
@@ -323,15 +408,24 @@ def create_app(bundle: ClipBundle | str | Path, config: ServeConfig | None = Non
       template (a prompt ensemble, chapter 06) and scored with ``zero_shot_scores``.
     * ``POST /retrieve`` ``{"text": "a red circle on the left", "k": 5}`` -> ``{"results":
       [{"index", "caption", "score"}]}``: the k gallery images closest to the text.
+    * ``POST /caption`` ``{"image": [[[...]]], "max_new_tokens": 20}`` -> ``{"caption",
+      "num_tokens", "stopped"}`` (only with a ``captioner``): chapter 10's captioner decodes
+      greedily (:func:`mmcourse.captioning.generate_text`, :mod:`mmcourse.generation`) for
+      at most ``max_new_tokens`` tokens; ``num_tokens`` counts the words written,
+      ``stopped`` says whether it wrote its end token within the limit.
     * ``GET /health``: status, whether batching is on, the batch sizes run so far.
 
-    Image embeddings (``/classify``) and text embeddings (``/retrieve``) each go through a
-    :class:`DynamicBatcher`. Label prompts are embedded once per distinct label set and
-    cached.
+    Image embeddings (``/classify``), text embeddings (``/retrieve``) and captions
+    (``/caption``) each go through a :class:`DynamicBatcher`; a batch of captions is
+    decoded together for the largest ``max_new_tokens`` asked and each is cut to its own
+    (greedy decoding of one row does not depend on the others, and a shorter limit only
+    stops it earlier). Label prompts are embedded once per distinct label set and cached.
 
     Args:
         bundle: a :class:`ClipBundle` or the folder of one (loaded with safetensors).
         config: :class:`ServeConfig`; the defaults if None.
+        captioner: a :class:`CaptionerBundle` or the folder of one; None: no ``/caption``
+            (it answers 404).
 
     Returns:
         The ``fastapi.FastAPI`` app.
@@ -361,6 +455,33 @@ def create_app(bundle: ClipBundle | str | Path, config: ServeConfig | None = Non
             embeds = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
         return list(embeds)
 
+    if captioner is not None and not isinstance(captioner, CaptionerBundle):
+        captioner = load_captioner_bundle(captioner)
+    if captioner is not None:
+        captioner.model.eval()
+    longest_caption = 0 if captioner is None else captioner.model.config.max_length - 1
+
+    def caption_images(items: list[tuple[Tensor, int]]) -> list[dict[str, Any]]:
+        """Greedy captions of a batch of (image, max_new_tokens), each cut to its limit."""
+        model, words = captioner.model, captioner.tokenizer
+        images = torch.stack([image for image, _ in items])  # (B, 3, S, S)
+        steps = GenerationConfig(max_new_tokens=max(n for _, n in items))
+        with torch.inference_mode():
+            _, out = generate_text(model, words, images=images, config=steps)
+        eos = model.config.eos_token_id
+        answers = []
+        for row, (_, limit) in zip(out.generated.tolist(), items, strict=True):
+            row = row[:limit]
+            stopped = eos in row
+            row = row[: row.index(eos)] if stopped else row
+            answers.append(
+                {"caption": words.decode(row), "num_tokens": len(row), "stopped": stopped}
+            )
+        return answers
+
+    functions = [("images", embed_images), ("texts", embed_texts)]
+    if captioner is not None:
+        functions.append(("captions", caption_images))
     batchers = {
         name: DynamicBatcher(
             fn,
@@ -368,7 +489,7 @@ def create_app(bundle: ClipBundle | str | Path, config: ServeConfig | None = Non
             window_s=window_s,
             enabled=config.dynamic_batching,
         )
-        for name, fn in (("images", embed_images), ("texts", embed_texts))
+        for name, fn in functions
     }
     prompt_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], Tensor] = {}
     cache_lock = threading.Lock()
@@ -428,6 +549,7 @@ def create_app(bundle: ClipBundle | str | Path, config: ServeConfig | None = Non
             "image_batches": len(sizes),
             "mean_image_batch_size": sum(sizes) / len(sizes) if sizes else 0.0,
             "gallery_size": 0 if bundle.gallery_embeds is None else len(bundle.gallery_embeds),
+            "captioning": captioner is not None,
         }
 
     @app.post("/classify")
@@ -476,6 +598,21 @@ def create_app(bundle: ClipBundle | str | Path, config: ServeConfig | None = Non
                 for s, i in zip(scores, index.tolist(), strict=True)
             ]
         }
+
+    @app.post("/caption")
+    async def caption(request: CaptionRequest) -> dict[str, Any]:
+        if captioner is None:
+            raise BadRequest(
+                "this server has no captioner; start it with create_app(..., captioner=folder)",
+                status_code=404,
+            )
+        if not 1 <= request.max_new_tokens <= longest_caption:
+            raise BadRequest(
+                f"max_new_tokens must be an integer in [1, {longest_caption}] (the captioner's "
+                f"max_length minus the start token), got {request.max_new_tokens}"
+            )
+        image = parse_image(request.image, captioner.model.config.image_size)
+        return await batchers["captions"].submit((image, request.max_new_tokens))
 
     return app
 

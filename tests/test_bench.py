@@ -50,8 +50,12 @@ def test_generate_benchmark_prints_its_table(capsys):
         row = next(line for line in out.splitlines() if line.startswith(name))
         assert float(row.split()[-1]) > 0  # tokens/s
     assert "ratio ours / transformers" in out and "speed-up from the KV cache" in out
-    assert bench.main([*GENERATE, "--no-recompute", "--batch", "2"]) == 0
-    assert "ours, no cache" not in capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("ours, from-scratch"))
+    assert float(row.split()[-1]) > 0  # chapter 11's decoder on the same weights
+    assert "ratio from-scratch decoder / transformers" in out
+    assert bench.main([*GENERATE, "--no-recompute", "--no-scratch", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ours, no cache" not in out and "from-scratch" not in out
 
 
 def test_generate_benchmark_rejects_bad_sizes(capsys):
@@ -70,6 +74,10 @@ def test_deploy_benchmark_prints_its_ratios(capsys):
     assert bench.main(DEPLOY) == 0
     out = capsys.readouterr().out
     assert "float32 / int8" in out and "torch.compile: skipped" in out
+    int8_rows = [
+        line.split() for line in out.splitlines() if line.startswith(("torchao", "torch.ao"))
+    ]
+    assert len(int8_rows) == 3 * 2 and all(float(r[-1]) > 0 for r in int8_rows)  # 3 versions x 2 B
     for name in ("kv_cache_speedup", "dynamic_batching_throughput_ratio"):
         line = next(line for line in out.splitlines() if line.startswith(name))
         assert float(line.split()[1]) > 0

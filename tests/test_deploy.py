@@ -94,6 +94,72 @@ def test_int8_width_sweep_rows():
     rows = deploy.int8_width_sweep([8, 16], batch_sizes=[1, 4], repeats=1)
     assert [(r["width"], r["batch_size"]) for r in rows] == [(8, 1), (8, 4), (16, 1), (16, 4)]
     assert all(r["speedup"] > 0 for r in rows)
+    assert {r["method"] for r in rows} == {"torch.ao dynamic (deprecated)"}
+    assert all(0 < r["max_abs_diff"] < 0.1 for r in rows)
+    with pytest.raises(ValueError, match="method must be one of"):
+        deploy.int8_width_sweep([8], methods=["int4"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        deploy.int8_width_sweep([8], methods=[])
+
+
+# torchao (pinned by the course) is required here, not skipped: the chapter's int8 path
+
+
+@pytest.mark.slow
+def test_torchao_int8_is_smaller_and_agrees_with_float32(tmp_path):
+    """torchao's int8 (dynamic and weight-only): the original untouched, the checkpoint
+    about 4x smaller and loadable with weights_only=True, predictions of a random MLP
+    classifier (its own float32 argmax is the label) changed for under 5 %, and each
+    Linear equal to the formula x W^T ~ s_x s_W (x_q W_q^T) written out by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10)).eval()
+    x = torch.randn(2000, 64)
+    with torch.no_grad():
+        ref = model(x)
+    errors = {}
+    for mode in deploy.TORCHAO_MODES:
+        int8 = deploy.quantize_torchao(model, mode=mode)
+        assert type(model[0].weight) is nn.Parameter  # the original is untouched
+        assert type(int8[0].weight).__name__ == "Int8Tensor"
+        ratio = deploy.serialized_bytes(int8) / deploy.serialized_bytes(model)
+        assert ratio < 0.4, (mode, ratio)
+        with torch.inference_mode():  # torch.save of its tensors fails there unless handled
+            assert deploy.serialized_bytes(int8) == ratio * deploy.serialized_bytes(model)
+        path = tmp_path / f"{mode}.pt"
+        torch.save(int8.state_dict(), path)
+        loaded = torch.load(path, weights_only=True)  # torchao registers its safe types
+        assert torch.equal(loaded["0.weight"].qdata, int8[0].weight.qdata)
+        with torch.no_grad():
+            got = int8(x)
+        agreement = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+        assert agreement >= 0.95, (mode, agreement)
+        errors[mode] = (got - ref).abs().max().item()
+        assert errors[mode] < 0.05 * ref.abs().max()
+    assert errors["weight-only"] < errors["dynamic"]  # no activation rounding
+
+    # the dynamic Linear by hand: symmetric int8 in [-128, 127], scale = max |row| / 127.5,
+    # one scale per weight row and per input row (torchao multiplies by 1 / scale)
+    int8 = deploy.quantize_torchao(model, mode="dynamic")
+    W, b, xs = model[0].weight.detach(), model[0].bias.detach(), x[:16]
+    s_w = W.abs().amax(dim=1, keepdim=True) / 127.5  # (256, 1)
+    W_q = torch.round(W * (1 / s_w)).clamp(-128, 127)
+    s_x = xs.abs().amax(dim=1, keepdim=True) / 127.5  # (16, 1)
+    x_q = torch.round(xs * (1 / s_x)).clamp(-128, 127)
+    by_hand = s_x * (x_q @ W_q.T) * s_w.T + b  # (16, 256)
+    with torch.no_grad():
+        got = int8[0](xs)
+    assert torch.equal(int8[0].weight.qdata.float(), W_q)
+    torch.testing.assert_close(got, by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_torchao_sweep_and_bad_inputs():
+    rows = deploy.int8_width_sweep(
+        [16], batch_sizes=[2], methods=list(deploy.INT8_METHODS), repeats=1
+    )
+    assert [r["method"] for r in rows] == list(deploy.INT8_METHODS)
+    assert all(r["speedup"] > 0 and 0 < r["max_abs_diff"] < 0.1 for r in rows)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        deploy.quantize_torchao(nn.Linear(4, 4), mode="int4")
 
 
 # --- torch.compile ------------------------------------------------------------------------
@@ -156,6 +222,32 @@ def test_greedy_decode_equals_generate_with_and_without_cache():
     assert len(cached.step_s) == 12 and cached.tokens_per_second > 0
     with pytest.raises(ValueError, match=r"shape \(1, N\)"):
         deploy.greedy_decode(model, prompt[0], max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_our_decoder_and_transformers_generate_give_the_same_tokens():
+    """Chapter 11's from-scratch CausalLM on the transformers model's weights, decoded by
+    greedy_decode with and without its cache, equals transformers' own generate (hf_generate)
+    with and without the cache."""
+    from mmcourse.llm import CausalLM
+
+    model = deploy.random_llama(num_layers=2, seed=1, tie_word_embeddings=False, **TINY_LLAMA)
+    ours = CausalLM.from_transformers(model)
+    prompt = torch.tensor([[1, 5, 9, 13, 2]])
+    results = [
+        decode(m, prompt, max_new_tokens=10, use_cache=use_cache)
+        for decode, m in ((deploy.hf_generate, model), (deploy.greedy_decode, ours))
+        for use_cache in (True, False)
+    ]
+    expected = results[0].tokens
+    assert len(expected) == 10 and len(set(expected)) > 1  # not one token repeated
+    assert all(r.tokens == expected for r in results)
+    assert all(r.wall_s > 0 and r.tokens_per_second > 0 for r in results)
+    assert results[0].step_s == [] and len(results[2].step_s) == 10
+    with pytest.raises(ValueError, match=r"shape \(1, N\)"):
+        deploy.hf_generate(model, prompt[0], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        deploy.greedy_decode(ours, prompt, max_new_tokens=0)
 
 
 def test_kv_cache_bytes_equal_the_cache_transformers_keeps():
@@ -258,3 +350,33 @@ def test_checkpoints_round_trip_and_refuse_to_overwrite(tiny_clip, tmp_path):
         deploy.checkpoint_load_times(state, tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         deploy.checkpoint_load_times(state, tmp_path / "missing")
+
+
+# --- the explorer -------------------------------------------------------------------------
+
+
+def test_explorer_draws_a_point_of_the_sweep_headless():
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    before = plt.get_fignums()
+    rows = deploy.sweep(
+        {"float32 eager": lambda x: x * 2, "int8 torchao": lambda x: x + 1},
+        torch.zeros,
+        [1, 8],
+        repeats=2,
+    )
+    fig = Figure(figsize=(8, 3))
+    for batch, candidate in [(1, "float32 eager"), (8, "int8 torchao"), (1, "int8 torchao")]:
+        deploy.draw_sweep_point(fig, table=rows, batch=batch, candidate=candidate)
+        assert len(fig.axes) == 2
+        assert fig.axes[0].get_title() == f"{candidate}, B = {batch}"
+        row = next(r for r in rows if r["candidate"] == candidate and r["batch_size"] == batch)
+        heights = [p.get_height() for p in fig.axes[0].patches]
+        assert heights == pytest.approx([row["p50_ms"], row["p95_ms"]])
+        assert "x float32 eager" in fig.axes[1].get_title()
+    with pytest.raises(ValueError, match=r"no row for candidate 'bf16' at batch size 1.*\[1, 8\]"):
+        deploy.draw_sweep_point(fig, table=rows, batch=1, candidate="bf16")
+    with pytest.raises(ValueError, match="at batch size 4"):
+        deploy.draw_sweep_point(fig, table=rows, batch=4, candidate="int8 torchao")
+    assert plt.get_fignums() == before

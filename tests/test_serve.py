@@ -1,6 +1,7 @@
 """The CLIP service: bundle round trip, endpoints in-process and over a real socket on
 127.0.0.1, bad requests answered with a 4xx while the server keeps serving, dynamic batching
-giving the same answers as unbatched, and a bounded load."""
+giving the same answers as unbatched, and a bounded load; the same for chapter 10's
+captioner behind ``POST /caption``."""
 
 import asyncio
 import socket
@@ -11,7 +12,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from mmcourse import serve
+from mmcourse.captioning import Captioner, CaptionerConfig, generate_text
 from mmcourse.clip import TinyClip, TinyClipConfig, WordTokenizer
+from mmcourse.generation import GenerationConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -202,3 +205,129 @@ def test_bad_inputs_at_the_boundaries():
         serve.parse_image((2 * torch.ones(3, 4, 4)).tolist(), 4)
     with pytest.raises(ValueError, match="at least one payload"):
         serve.run_load("http://127.0.0.1:1", [])
+
+
+# --- the captioner behind POST /caption ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def captioner_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    tokenizer = WordTokenizer.from_texts(CAPTIONS)
+    config = CaptionerConfig(
+        vocab_size=tokenizer.vocab_size,
+        dim=16,
+        num_heads=2,
+        encoder_layers=1,
+        decoder_layers=1,
+        max_length=12,
+    )
+    folder = tmp_path_factory.mktemp("captioner")
+    return serve.save_captioner_bundle(folder, Captioner(config).eval(), tokenizer)
+
+
+def _direct_caption(bundle, image, limit):
+    """What the captioner writes alone, greedy, at most ``limit`` tokens, cut at [SEP]."""
+    _, out = generate_text(
+        bundle.model,
+        bundle.tokenizer,
+        images=torch.tensor(image)[None],
+        config=GenerationConfig(max_new_tokens=limit),
+    )
+    row = out.generated[0].tolist()
+    eos = bundle.model.config.eos_token_id
+    stopped = eos in row
+    row = row[: row.index(eos)] if stopped else row
+    return {"caption": bundle.tokenizer.decode(row), "num_tokens": len(row), "stopped": stopped}
+
+
+def _bad_caption_requests(post):
+    good = {"image": _image(0), "max_new_tokens": 5}
+    return [
+        post("/caption", json=dict(good, image=_image(0, (3, 16, 16)))),
+        post("/caption", content=b"{image: [", headers={"Content-Type": "application/json"}),
+        post("/caption", json=dict(good, max_new_tokens=0)),
+        post("/caption", json=dict(good, max_new_tokens=12)),
+        post("/caption", json=dict(good, max_new_tokens="long")),
+        post("/caption", json={"max_new_tokens": 5}),
+    ]
+
+
+def _check_bad_caption_responses(responses):
+    codes = [r.status_code for r in responses]
+    assert all(400 <= c < 500 for c in codes), codes
+    details = [r.json()["detail"] for r in responses]
+    assert "expected an image of shape (3, 32, 32)" in details[0] and "(3, 16, 16)" in details[0]
+    assert codes[1] == 400 and "not valid JSON" in details[1]
+    assert "max_new_tokens must be an integer in [1, 11]" in details[2] and "got 0" in details[2]
+    assert "max_new_tokens must be an integer in [1, 11]" in details[3] and "got 12" in details[3]
+    assert details[4].startswith("max_new_tokens:") and "integer" in details[4]
+    assert "image: Field required" in details[5]
+
+
+def test_captioner_bundle_round_trip(captioner_dir, tmp_path):
+    bundle = serve.load_captioner_bundle(captioner_dir)
+    assert bundle.tokenizer.id_to_token == WordTokenizer.from_texts(CAPTIONS).id_to_token
+    copy_dir = serve.save_captioner_bundle(tmp_path, bundle.model, bundle.tokenizer)
+    again = serve.load_captioner_bundle(copy_dir)
+    assert again.model.config == bundle.model.config
+    for (name, a), (_, b) in zip(
+        bundle.model.state_dict().items(), again.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileExistsError, match="already holds a captioner"):
+        serve.save_captioner_bundle(copy_dir, bundle.model, bundle.tokenizer)
+    with pytest.raises(FileNotFoundError, match="no captioner.safetensors"):
+        serve.load_captioner_bundle(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not the tokenizer it was trained with"):
+        serve.save_captioner_bundle(tmp_path / "x", bundle.model, WordTokenizer(["one"]))
+    with pytest.raises(ValueError, match="expected a Captioner"):
+        serve.save_captioner_bundle(tmp_path / "x", bundle.tokenizer, bundle.tokenizer)
+
+
+def test_caption_endpoint_in_process(bundle_dir, captioner_dir):
+    bundle = serve.load_captioner_bundle(captioner_dir)
+    app = serve.create_app(bundle_dir, captioner=captioner_dir)
+    with TestClient(app) as client:
+        assert client.get("/health").json()["captioning"] is True
+        for seed, limit in [(1, 11), (2, 3), (3, 1)]:
+            got = client.post("/caption", json={"image": _image(seed), "max_new_tokens": limit})
+            assert got.status_code == 200
+            assert got.json() == _direct_caption(bundle, _image(seed), limit)
+            assert got.json()["num_tokens"] <= limit
+        default = client.post("/caption", json={"image": _image(1)})  # max_new_tokens: 20
+        assert default.status_code == 422 and "got 20" in default.json()["detail"]
+        _check_bad_caption_responses(_bad_caption_requests(client.post))
+        again = client.post("/caption", json={"image": _image(1), "max_new_tokens": 11})
+        assert again.status_code == 200  # still serving
+    # a captioner that writes [SEP] at once: an empty caption that stopped
+    eager = serve.load_captioner_bundle(captioner_dir)
+    with torch.no_grad():
+        eager.model.lm_head.bias[eager.model.config.eos_token_id] = 100.0
+    with TestClient(serve.create_app(bundle_dir, captioner=eager)) as client:
+        body = client.post("/caption", json={"image": _image(1), "max_new_tokens": 4}).json()
+    assert body == {"caption": "", "num_tokens": 0, "stopped": True}
+    with TestClient(serve.create_app(bundle_dir)) as client:  # no captioner
+        missing = client.post("/caption", json={"image": _image(1), "max_new_tokens": 4})
+        assert client.get("/health").json()["captioning"] is False
+    assert missing.status_code == 404 and "no captioner" in missing.json()["detail"]
+
+
+@pytest.mark.slow
+def test_caption_real_socket_batched_equals_alone(bundle_dir, captioner_dir):
+    bundle = serve.load_captioner_bundle(captioner_dir)
+    limits = [11, 2, 5, 1, 8, 3, 11, 4]
+    payloads = [{"image": _image(i), "max_new_tokens": n} for i, n in enumerate(limits)]
+    expected = [_direct_caption(bundle, p["image"], p["max_new_tokens"]) for p in payloads]
+    config = serve.ServeConfig(dynamic_batching=True, batch_window_ms=50.0)
+    app = serve.create_app(bundle_dir, config, captioner=captioner_dir)
+    with serve.serving(app) as url:
+        load = serve.run_load(url, payloads, path="/caption", concurrency=4)
+        with httpx.Client(base_url=url, trust_env=False) as client:
+            _check_bad_caption_responses(_bad_caption_requests(client.post))
+            assert client.post("/caption", json=payloads[0]).json() == expected[0]
+    assert load.errors == 0 and load.responses == expected
+    assert max(app.state.batchers["captions"].batch_sizes) > 1  # batched, same answers
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass  # stopped

@@ -20,19 +20,21 @@
 # The source article "多模态大模型：技术原理与实战 多模态大模型的部署" (001) is about
 # **deployment** (部署), and 004 §5.3.2–5.3.3 lists **inference acceleration**
 # (推理加速) and deployment; both only *name* the techniques. This chapter applies each
-# one to a model of this course, chapter 06's tiny CLIP, and measures on this machine what
-# it buys and what it costs in accuracy:
+# one to models of this course, chapter 06's tiny CLIP first, and measures on this
+# machine what it buys and what it costs in accuracy:
 #
 # * timing done right: warm-up, synchronisation, fixed threads, **p50/p95 latency**
 #   (延迟) and **throughput** (吞吐量), batch size against both;
-# * precision: **bf16** autocast and **int8 quantisation** (量化), and where int8 is not
-#   faster at all;
+# * precision: **bf16** autocast and **int8 quantisation** (量化) with `torchao`, the
+#   deprecated `torch.ao` path and ONNX Runtime, and where int8 is not faster at all;
 # * **`torch.compile`** (图编译): what compiling costs, what it saves, when it pays back;
 # * attention kernels: the fused SDPA backends against chapter 02's reference;
-# * generation with and without the **KV cache** (KV 缓存) on a Llama decoder;
+# * generation with and without the **KV cache** (KV 缓存) with chapter 11's Llama
+#   decoder, and against `transformers`' `generate` on the same weights;
 # * **ONNX** export and ONNX Runtime; **safetensors** against pickled checkpoints;
-# * finally a real service: a FastAPI app serving zero-shot classification and retrieval,
-#   with **dynamic batching** (动态批处理), under a real HTTP client's load.
+# * finally a real service: a FastAPI app serving zero-shot classification, retrieval and
+#   chapter 10's captioner, with **dynamic batching** (动态批处理), under a real HTTP
+#   client's load.
 #
 # Every speed number below comes from this run on this machine; on a busy shared CPU they
 # wander, so the chapter records the *ratios* and checks only what does not depend on the
@@ -50,6 +52,7 @@ cpu_threads = 1  # torch and ONNX Runtime threads for every measurement: 1 keeps
 repeats = 15  # timed calls per candidate and setting (full: 100)
 batch_sizes = [1, 8, 32, 128]  # batch sizes of the latency and throughput sweep (full: 1 to 2048)
 int8_widths = [64, 256, 1024]  # FFN widths of the int8 sweep (full: 64 to 4096)
+int8_compile = False  # also compile torchao's int8 FFN at the widest width (a cold compile takes over 30 s on 2 CPU cores)
 compile_batch = 32  # batch size at which torch.compile is measured
 run_compile = True  # measure torch.compile with inductor (a cold compile takes about 20 s on 2 CPU cores)
 attention_lengths = [64, 256, 1024]  # sequence lengths of the attention-kernel sweep (full: up to 8192 on a GPU)
@@ -59,6 +62,8 @@ new_tokens = 48  # tokens generated in the KV-cache measurement (full: 512)
 num_requests = 96  # requests of each bounded load on the server (full: 5000)
 concurrency = 16  # requests in flight at once (full: 64)
 batch_window_ms = 5.0  # how long the server's first request of a batch waits for more
+caption_steps = 150  # training steps of the served captioner's decoder (full: 1500)
+caption_requests = 32  # test images captioned through the service (full: 600)
 
 # %%
 import math
@@ -78,14 +83,19 @@ from mmcourse.plotting import setup_notebook
 
 utils.positive_int(num_train=num_train, num_test=num_test, clip_steps=clip_steps, batch_size=batch_size, repeats=repeats,
                    compile_batch=compile_batch, llm_layers=llm_layers, new_tokens=new_tokens, num_requests=num_requests,
-                   concurrency=concurrency)
+                   concurrency=concurrency, caption_steps=caption_steps, caption_requests=caption_requests)
 utils.non_negative_int(cpu_threads=cpu_threads)
 utils.positive_float(batch_window_ms=batch_window_ms)
 utils.one_of("llm", llm, ("random", "smollm2"))
+for name, flag in (("run_compile", run_compile), ("int8_compile", int8_compile)):
+    if not isinstance(flag, bool):
+        raise ValueError(f"{name} must be True or False, got {flag!r}")
 for name, values in (("batch_sizes", batch_sizes), ("int8_widths", int8_widths), ("attention_lengths", attention_lengths)):
     if not values:
         raise ValueError(f"{name} must list at least one size, got {values!r}")
     utils.positive_int(**{f"{name} entry": v for v in values})
+if max(num_requests, caption_requests) > num_test:
+    raise ValueError(f"num_requests={num_requests} and caption_requests={caption_requests} must not exceed num_test={num_test}")
 if batch_size > num_train:
     raise ValueError(f"batch_size={batch_size} must not exceed num_train={num_train}")
 mmcourse.seed_everything(seed)
@@ -209,35 +219,46 @@ print(f"first call {ms[0]:.2f} ms, {ms[0] / p50:.1f}x the p50 of calls 6-40 ({p5
 # bf16 units (recent GPUs, CPUs with AMX or AVX-512 BF16); elsewhere it converts back and
 # forth and is slower.
 #
-# **Int8 dynamic quantisation** stores each weight matrix $W$ as 8-bit integers with a
-# scale, $W \approx s_W\, W_q$, $W_q = \mathrm{round}(W / s_W) \in [-128, 127]$, and at run
-# time quantises each activation batch with a scale measured on that batch, multiplies in
-# integers and rescales: $x W^\top \approx s_x s_W\, (x_q W_q^\top)$. Weights shrink 4×. On
-# a CPU, `torch.ao.quantization.quantize_dynamic` does this for every `nn.Linear`; torch
-# 2.13 still ships it but marks it **deprecated** (its warning points to `torchao`'s
-# `quantize_` API, the maintained path, which is not in this course's environment).
-# `deploy.quantize_int8` wraps it and silences the warning. ONNX Runtime's own dynamic
-# quantisation follows in section 4.
+# **Int8 quantisation** stores each weight matrix $W$ as 8-bit integers with a scale per
+# output row, $W \approx s_W \odot W_q$, $W_q = \mathrm{round}(W / s_W) \in [-127, 127]$:
+# weights shrink 4×. **Dynamic** quantisation also quantises each activation row
+# $x$ at run time with a scale $s_x$ measured on that row, multiplies in integers and
+# rescales: $x W^\top \approx s_x s_W\, (x_q W_q^\top)$. **Weight-only** quantisation
+# keeps $x$ in float32 and turns $W_q$ back into floats for the product: it saves memory
+# (and time where reading the weights is the bottleneck, as when a GPU decodes one token)
+# but not arithmetic.
+#
+# The maintained path in PyTorch is **`torchao`**: `torchao.quantization.quantize_(model,
+# Int8DynamicActivationInt8WeightConfig())` (or `Int8WeightOnlyConfig()`) swaps every
+# `nn.Linear` weight for an `Int8Tensor`, a tensor subclass whose `linear` does the above;
+# `deploy.quantize_torchao` wraps it. The older `torch.ao.quantization.quantize_dynamic`
+# still ships with torch 2.13 but is marked **deprecated** (its warning points to
+# `torchao`); we keep it as a comparison (`deploy.quantize_int8`). ONNX Runtime's own
+# dynamic quantisation follows in section 4.
 
 # %%
 with deploy.autocast_bf16("cpu"):
     acc_bf16 = zero_shot_accuracy(encode_images(clip_model, test["images"]), encode_texts(clip_model, prompt_tokens))
-int8_model = deploy.quantize_int8(clip_model)
-acc_int8 = zero_shot_accuracy(encode_images(int8_model, test["images"]), encode_texts(int8_model, prompt_tokens))
-fp32_bytes, int8_bytes = deploy.serialized_bytes(clip_model), deploy.serialized_bytes(int8_model)
+int8_models = {
+    "int8 torchao dynamic": deploy.quantize_torchao(clip_model, mode="dynamic"),
+    "int8 torchao weight-only": deploy.quantize_torchao(clip_model, mode="weight-only"),
+    "int8 torch.ao dynamic (deprecated)": deploy.quantize_int8(clip_model),
+}
+int8_model = int8_models["int8 torchao dynamic"]  # the chapter's int8 model from here on
+fp32_bytes = deploy.serialized_bytes(clip_model)
 linear_share = deploy.linear_weight_fraction(clip_model)
 ideal_ratio = (1 - linear_share) + linear_share / 4  # only the Linear weights shrink, 4x
+x = test["images"][:256]
 with torch.inference_mode():
-    x = test["images"][:256]
     fp32_out = clip_model.encode_image(x)
-    int8_err = (int8_model.encode_image(x) - fp32_out).abs().max().item()
     with deploy.autocast_bf16("cpu"):
         bf16_err = (clip_model.encode_image(x).float() - fp32_out).abs().max().item()
-precision_table = pd.DataFrame({
-    "zero-shot top-1": [acc_fp32, acc_bf16, acc_int8],
-    "checkpoint (kB)": [fp32_bytes / 1e3, math.nan, int8_bytes / 1e3],
-    "max |embedding error|": [0.0, bf16_err, int8_err],
-}, index=["float32", "bf16 autocast", "int8 dynamic (torch)"])
+    int8_errs = {name: (model.encode_image(x) - fp32_out).abs().max().item() for name, model in int8_models.items()}
+rows = {name: [zero_shot_accuracy(encode_images(model, test["images"]), encode_texts(model, prompt_tokens)),
+               deploy.serialized_bytes(model) / 1e3, int8_errs[name]] for name, model in int8_models.items()}
+precision_table = pd.DataFrame({"float32": [acc_fp32, fp32_bytes / 1e3, 0.0], "bf16 autocast": [acc_bf16, math.nan, bf16_err],
+                                **rows}, index=["zero-shot top-1", "checkpoint (kB)", "max |embedding error|"]).T
+acc_int8, int8_bytes = precision_table.loc["int8 torchao dynamic", "zero-shot top-1"], 1e3 * precision_table.loc["int8 torchao dynamic", "checkpoint (kB)"]
 print(f"largest |image embedding| value: {fp32_out.abs().max():.2f}; Linear weights are {linear_share:.0%} of the "
       f"parameters, so int8 can shrink the checkpoint to about {ideal_ratio:.2f} of its size")
 cpu_flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
@@ -245,14 +266,17 @@ print("bf16 units on this CPU:", sorted(cpu_flags & {"avx512_bf16", "amx_bf16"})
 precision_table.round(4)
 
 # %% [markdown]
-# The accuracy changes are printed below as fractions and as counts of test scenes; the
-# ceilings recorded are 5 points of accuracy (a small fraction of the model's margin over
-# chance) and, for the checkpoint, the ideal size ratio plus 0.1 (int8 weights also carry a
-# scale and a zero point, and packed-weight bookkeeping).
+# The three int8 versions agree closely; weight-only has the smallest error, since its
+# activations are not rounded. The accuracy changes of bf16 and of `torchao`'s dynamic int8
+# (the chapter's int8 model from here on) are printed below as fractions and as counts of
+# test scenes; the ceilings recorded are 5 points of accuracy (a small fraction of the
+# model's margin over chance) and, for the checkpoint, the ideal size ratio plus 0.1 (int8
+# weights also carry their scales, and the file its bookkeeping).
 
 # %%
+assert rows["int8 torchao weight-only"][2] < rows["int8 torchao dynamic"][2], "weight-only int8 rounds no activations"
 int8_drop, bf16_drop = acc_fp32 - acc_int8, acc_fp32 - acc_bf16
-for name, drop in (("bf16 autocast", bf16_drop), ("int8 dynamic", int8_drop)):
+for name, drop in (("bf16 autocast", bf16_drop), ("int8 torchao dynamic", int8_drop)):
     print(f"{name}: accuracy {acc_fp32:.3f} -> {acc_fp32 - drop:.3f}, net {round(drop * num_test)} of {num_test} scenes lost")
 print(f"int8 checkpoint: {int8_bytes / fp32_bytes:.3f} of float32 (ideal {ideal_ratio:.3f})")
 mmcourse.record("int8_size_ratio", int8_bytes / fp32_bytes, at_most=ideal_ratio + 0.1)
@@ -264,29 +288,64 @@ assert acc_fp32 - 1 / len(CLASS_NAMES) > 0.5, "the float32 model must be far abo
 # ### Where int8 is faster, and where it is not
 #
 # The most common complaint about int8 on a CPU is that it made the model *slower*. Each
-# quantised Linear pays a fixed price per call (measure the activation range, quantise,
-# dequantise the int32 result), and saves in proportion to the work of the matrix
-# multiply. Below, a transformer FFN ($D \to 4D \to D$) in float32 and int8, over the
-# width $D$, for a single row (one token, as when serving one request) and for 64 rows.
+# quantised Linear pays a fixed price per call (measure the activation scales, quantise,
+# rescale the int32 result; for `torchao`, also dispatching each of these ops through a
+# tensor subclass in Python), and saves in proportion to the work of the matrix multiply.
+# Below, a transformer FFN ($D \to 4D \to D$) in float32 and in each int8 version, over the
+# width $D$, for a single row (one token, as when serving one request) and for 64 rows, all
+# timed in turn.
 
 # %%
-int8_rows = pd.DataFrame(deploy.int8_width_sweep(int8_widths, batch_sizes=[1, 64], repeats=repeats, seed=seed))
-fig, ax = plt.subplots(figsize=(6.5, 3.4))
-for B, group in int8_rows.groupby("batch_size"):
-    ax.plot(group["width"], group["speedup"], "o-", label=f"{B} row(s) per call")
-ax.axhline(1, c="k", ls=":", lw=1)
-ax.set(xscale="log", yscale="log", xlabel="FFN width D", ylabel="float32 time / int8 time",
-       title=f"int8 dynamic quantisation on this CPU ({threads} threads): > 1 means int8 is faster")
-ax.set_xticks(int8_widths, [str(w) for w in int8_widths])
-ax.legend()
+int8_rows = pd.DataFrame(deploy.int8_width_sweep(int8_widths, batch_sizes=[1, 64], methods=list(deploy.INT8_METHODS),
+                                                 repeats=repeats, seed=seed))
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
+for ax, (B, group) in zip(axes, int8_rows.groupby("batch_size"), strict=True):
+    for method, rows_m in group.groupby("method", sort=False):
+        ax.plot(rows_m["width"], rows_m["speedup"], "o-", label=method)
+    ax.axhline(1, c="k", ls=":", lw=1)
+    ax.set(xscale="log", yscale="log", xlabel="FFN width D", title=f"{B} row(s) per call, {threads} thread(s)")
+    ax.set_xticks(int8_widths, [str(w) for w in int8_widths])
+axes[0].set_ylabel("float32 time / int8 time (> 1: int8 faster)")
+axes[1].legend(fontsize=7)
 plt.show()
-int8_rows.round(3)
+for (method, B), group in int8_rows.groupby(["method", "batch_size"], sort=False):
+    wins = group[group.speedup > 1].width.tolist()
+    print(f"{method:30s} {B:3d} row(s): faster than float32 at D = {wins if wins else 'none measured'}")
+smallest = int8_rows[(int8_rows.width == min(int8_widths)) & (int8_rows.batch_size == 1)].set_index("method")
+print(f"at D = {min(int8_widths)}, one row: float32 {smallest.float32_ms.iloc[0]:.3f} ms per FFN call; int8 adds "
+      + ", ".join(f"{r.int8_ms - r.float32_ms:+.3f} ms ({m})" for m, r in smallest.iterrows()))
+int8_rows.pivot_table(index=["method", "batch_size"], columns="width", values="speedup", sort=False).round(2)
 
 # %% [markdown]
-# At the tiny CLIP's own width (64) int8 loses, for one row and for many; at 256 it wins
-# only with many rows per call; at 1024 it wins in both cases (the table). The tiny CLIP's
-# towers are 64 wide: quantising them saves disk and memory, not time.
-#
+# Where each version starts to win is printed above for this run; the reasons are in how
+# each one runs. The deprecated `torch.ao` path's quantised Linear is one fused C++ call
+# (fbgemm), so its fixed cost is small. `torchao`'s dynamic int8 runs quantise, integer
+# matmul (`torch._int_mm`) and rescale as separate ops dispatched in Python through the
+# `Int8Tensor` subclass: a fixed cost per Linear (the added milliseconds at the smallest
+# width), which only wide matrices and many rows pay back. `torchao`'s weight-only int8
+# converts the whole weight back to float32 on every call, so eagerly on a CPU it does all
+# of float32's arithmetic and more: it saves memory, not time. `torchao` is built to be
+# compiled: `torch.compile` fuses those
+# separate ops into one kernel (set `int8_compile=True` above to measure it at the widest
+# width; compiling takes long, section 6). The tiny CLIP's towers are 64 wide: quantising
+# them saves disk and memory, not time.
+
+# %%
+if int8_compile:
+    D = max(int8_widths)
+    torch.manual_seed(seed)
+    ffn = torch.nn.Sequential(torch.nn.Linear(D, 4 * D), torch.nn.GELU(), torch.nn.Linear(4 * D, D)).eval()
+    ffn_x = torch.randn(1, D)
+    ffn_compiled = {name: deploy.measure_compile(model, ffn_x, repeats=repeats)
+                    for name, model in (("float32", ffn), ("int8 torchao dynamic", deploy.quantize_torchao(ffn)))}
+    for name, r in ffn_compiled.items():
+        print(f"{name:22s} D = {D}, one row: eager {r.eager_ms:.3f} ms, compiled {r.compiled_ms:.3f} ms after "
+              f"{r.compile_s:.1f} s of compiling")
+    print(f"compiled int8 against eager float32: {ffn_compiled['float32'].eager_ms / ffn_compiled['int8 torchao dynamic'].compiled_ms:.2f}x")
+else:
+    print("torchao + torch.compile not measured (int8_compile=False)")
+
+# %% [markdown]
 # > **Common pitfall: comparing int8 at tiny shapes.** A benchmark of int8 on a toy layer
 # > (a few dozen wide, one row) measures the quantise/dequantise overhead and concludes
 # > that int8 is slow. Measure at the shapes you will serve. When to use it: CPU serving of
@@ -362,7 +421,8 @@ def bf16_call(x):
 candidates = {
     "float32 eager": no_grad(clip_model.encode_image),
     "bf16 autocast": bf16_call,
-    "int8 (torch)": no_grad(int8_model.encode_image),
+    "int8 torchao": no_grad(int8_model.encode_image),
+    "int8 torch.ao (deprecated)": no_grad(int8_models["int8 torch.ao dynamic (deprecated)"].encode_image),
     "ONNX Runtime float32": lambda x: image_session.run(None, {"images": x.numpy()}),
     "ONNX Runtime int8": lambda x: image_int8_session.run(None, {"images": x.numpy()}),
 }
@@ -388,41 +448,27 @@ sweep_table.pivot(index="candidate", columns="batch_size", values="speed-up vs f
 # ONNX Runtime's advantage is largest where Python's per-call overhead dominates (small
 # $B$). bf16 autocast pays, if at all, only at larger batches and only on hardware with bf16
 # units (the flags printed in section 3); at $B = 1$ its conversions cost more than they
-# save. On a busy shared machine a single entry can be far off (a neighbour's job lands in
-# one timed call); re-run the chapter on an idle machine before trusting one cell.
+# save. The two int8 rows are the width sweep's lesson at the tiny CLIP's width of 64: at
+# small $B$ the fixed cost per Linear dominates (most of all for `torchao`'s eager
+# dispatch), so read their row against the sweep above before quantising for speed. On a
+# busy shared machine a single entry can be far off (a neighbour's job lands in one timed
+# call); re-run the chapter on an idle machine before trusting one cell.
 #
 # ### An explorer
 #
 # Pick a batch size and a precision: the bars show the measured p50 and p95 latency and the
-# throughput from the table above (no re-timing). With a Jupyter front end the controls
-# redraw the figure; without one (on GitHub, or run headless) the static overview above
-# stands in for them.
+# throughput from the table above (no re-timing; `deploy.draw_sweep_point`). With a Jupyter
+# front end the controls redraw the figure; without one (on GitHub, or run headless) the
+# figure is drawn once at the largest batch and the int8 model.
 
 # %%
-def explore(batch=batch_sizes[-1], precision="float32 eager"):
-    row = sweep_table[(sweep_table.batch_size == batch) & (sweep_table.candidate == precision)].iloc[0]
-    base = sweep_table[(sweep_table.batch_size == batch) & (sweep_table.candidate == "float32 eager")].iloc[0]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-    axes[0].bar(["p50", "p95"], [row.p50_ms, row.p95_ms], color=["C0", "C3"])
-    axes[0].set(ylabel="ms per call", title=f"{precision}, B = {batch}")
-    axes[1].bar(["float32 eager", precision], [base.throughput, row.throughput], color=["gray", "C2"])
-    axes[1].set(ylabel="images / s", title=f"throughput: {row.throughput / base.throughput:.2f}x float32")
-    plt.show()
+import ipywidgets as widgets
 
+from mmcourse.widgets import explore
 
-try:
-    import ipywidgets as widgets
-    from IPython import get_ipython
-    from IPython.display import display
-
-    from mmcourse.widgets import frontend_attached
-
-    has_kernel = frontend_attached()  # a live front end; headless runs store only the figure
-except ImportError:
-    has_kernel = False
-if has_kernel:
-    display(widgets.interactive(explore, batch=widgets.SelectionSlider(options=batch_sizes, value=batch_sizes[-1], description="batch"),
-                                precision=widgets.Dropdown(options=list(candidates), value="float32 eager", description="precision")))
+explore(deploy.draw_sweep_point, figsize=(9, 3), fixed={"table": sweep_table.to_dict("records")},
+        batch=widgets.SelectionSlider(options=batch_sizes, value=batch_sizes[-1], description="batch"),
+        candidate=widgets.Dropdown(options=list(candidates), value="int8 torchao", description="precision"));
 
 # %% [markdown]
 # ## 6. `torch.compile`: a cost paid once, a saving on every call
@@ -502,17 +548,24 @@ plt.show()
 #
 # $$M_{KV} = 2 \times n_{\text{layers}} \times n_{\text{kv heads}} \times d_{\text{head}} \times T \times B \times \text{bytes per value},$$
 #
-# (2 for K and V; with grouped-query attention only the KV heads are cached). Chapter 11
-# builds a Llama decoder from scratch that equals `transformers` on SmolLM2-135M's weights;
-# here we time `transformers`' Llama. With `llm="random"` (the default, to keep the
-# chapter fast) it is a randomly initialised Llama with SmolLM2's layer sizes (width 576,
-# 9 heads, 3 KV heads, vocabulary 49,152) and `llm_layers` layers: a layer costs the same
-# with random weights, but its text is gibberish. `llm="smollm2"` loads the real weights
-# (hash-checked) and decodes a real answer. Our `deploy.greedy_decode` decodes through
-# chapter 10's `mmcourse.generation` (the model's own cache, or the whole prefix recomputed)
-# and is checked against `model.generate` on the same weights.
+# (2 for K and V; with grouped-query attention only the KV heads are cached).
+#
+# The decoder is chapter 11's: `mmcourse.llm.CausalLM`, the Llama written from scratch,
+# built by `CausalLM.from_transformers` from a `transformers` Llama so that both hold the
+# *same weights*. Ours decodes through `mmcourse.generation` (`deploy.greedy_decode`: our
+# KV cache, or the whole prefix recomputed every step); `transformers`' own `generate`
+# (`deploy.hf_generate`) decodes the same prompt with its cache, and every answer must be
+# the same tokens. With `llm="random"` (the default, to keep the chapter
+# fast) the weights are a randomly initialised Llama with SmolLM2's layer sizes (width
+# 576, 9 heads, 3 KV heads, vocabulary 49,152) and `llm_layers` layers: a layer costs the
+# same with random weights, but the text is gibberish (its first tokens are printed).
+# `llm="smollm2"` loads SmolLM2-135M's real weights (hash-checked; the load takes
+# 10-17 s, and its 30 layers cost more per token than `llm_layers`, beyond this chapter's
+# budget) and decodes a real answer.
 
 # %%
+from mmcourse.llm import CausalLM
+
 if llm == "smollm2":
     lm, lm_tokenizer = deploy.load_smollm2()
     prompt_ids = lm_tokenizer.apply_chat_template([{"role": "system", "content": ""},
@@ -522,42 +575,56 @@ if llm == "smollm2":
 else:
     lm, lm_tokenizer = deploy.random_llama(num_layers=llm_layers, seed=seed), None
     prompt_ids = torch.randint(3, lm.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(seed))
+ours_lm = CausalLM.from_transformers(lm)  # chapter 11's decoder, the same weights
 lm_config = lm.config
-with torch.inference_mode():
-    reference_tokens = lm.generate(prompt_ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)[0, prompt_ids.shape[1]:].tolist()
-assert deploy.greedy_decode(lm, prompt_ids, max_new_tokens=8).tokens == reference_tokens  # = transformers' generate
-decodes = {use_cache: deploy.greedy_decode(lm, prompt_ids, max_new_tokens=new_tokens, use_cache=use_cache)
-           for use_cache in (True, False)}
-same = decodes[True].tokens == decodes[False].tokens
-kv_speedup = sum(decodes[False].step_s) / sum(decodes[True].step_s)
+runs = [("transformers generate", deploy.hf_generate, lm, True), ("our CausalLM", deploy.greedy_decode, ours_lm, True),
+        ("our CausalLM", deploy.greedy_decode, ours_lm, False)]
+decodes = {(name, use_cache): decode(model, prompt_ids, max_new_tokens=new_tokens, use_cache=use_cache)
+           for name, decode, model, use_cache in runs}
+reference_tokens = decodes["transformers generate", True].tokens
+same = {key: result.tokens == reference_tokens for key, result in decodes.items()}
+kv_speedup = decodes["our CausalLM", False].wall_s / decodes["our CausalLM", True].wall_s
+ours_vs_hf = decodes["transformers generate", True].wall_s / decodes["our CausalLM", True].wall_s
 head_dim = lm_config.hidden_size // lm_config.num_attention_heads
 cache_mb = deploy.kv_cache_bytes(num_layers=lm_config.num_hidden_layers, num_kv_heads=lm_config.num_key_value_heads,
                                  head_dim=head_dim, seq_len=prompt_ids.shape[1] + new_tokens) / 1e6
 print(f"{'SmolLM2-135M' if llm == 'smollm2' else f'random Llama, {llm_layers} layers'}: prompt {prompt_ids.shape[1]} tokens, "
-      f"{new_tokens} new; same tokens with and without the cache: {same}")
+      f"{new_tokens} new")
 if lm_tokenizer is not None:
-    print("answer:", lm_tokenizer.decode(decodes[True].tokens, skip_special_tokens=True))
-print(f"with the cache {decodes[True].tokens_per_second:.1f} tokens/s, without {decodes[False].tokens_per_second:.1f} "
-      f"tokens/s: {kv_speedup:.2f}x; the cache holds {cache_mb:.2f} MB at the end (float32)")
+    print("answer:", lm_tokenizer.decode(reference_tokens, skip_special_tokens=True))
+else:
+    print("first generated token ids:", reference_tokens[:10])
+generation_table = pd.DataFrame([{"decoder": name, "KV cache": use_cache, "tokens / s": result.tokens_per_second,
+                                  "same tokens as transformers (cached)": same[name, use_cache]}
+                                 for (name, use_cache), result in decodes.items()]).set_index(["decoder", "KV cache"])
+print(f"the KV cache speeds our decoder up {kv_speedup:.2f}x; our cached decoder runs at {ours_vs_hf:.2f}x the speed of "
+      f"transformers' cached generate; the cache holds {cache_mb:.2f} MB at the end (float32)")
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-for use_cache, result in decodes.items():
-    steps = np.array(result.step_s) * 1e3
+for use_cache in (True, False):
+    steps = np.array(decodes["our CausalLM", use_cache].step_s) * 1e3
     label = "with KV cache" if use_cache else "without (whole sequence every step)"
     axes[0].plot(range(1, new_tokens + 1), steps, label=label)
     axes[1].plot(range(1, new_tokens + 1), np.arange(1, new_tokens + 1) / np.cumsum(steps / 1e3), label=label)
-axes[0].set(xlabel="generated token t", ylabel="ms for this token", yscale="log", title="Cost of each step (step 1 reads the prompt)")
+axes[0].set(xlabel="generated token t", ylabel="ms for this token", yscale="log", title="Our decoder: each step (step 1 reads the prompt)")
 axes[1].set(xlabel="answer length (tokens)", ylabel="tokens / s so far", title="Tokens per second as the answer grows")
 axes[0].legend()
 plt.show()
-assert same, "greedy decoding must give the same tokens with and without the cache"
+assert all(same.values()), "every decoder, with and without the cache, must give the same tokens"
 mmcourse.record("kv_cache_speedup", kv_speedup)
+mmcourse.record("scratch_decoder_speedup_vs_transformers", ours_vs_hf)
+generation_table.round(2)
 
 # %% [markdown]
 # Without the cache the cost of a step grows with the sequence; with it, it stays nearly
 # flat after the first step (which reads the prompt). The gap widens with the answer's
 # length, and on a GPU, where one token leaves most of the chip idle, it is larger still.
 # When to use it: always, for generation (`generate` does by default); the price is memory,
-# which grows linearly with $T$ and $B$ (exercise 2).
+# which grows linearly with $T$ and $B$ (exercise 2). Our decoder and `transformers'` do
+# the same matrix products on the same weights (the same tokens, checked), so the ratio of
+# their speeds (printed above, recorded, and re-measured by `python -m mmcourse.bench
+# generate`) is the Python each one runs around those products per step: masks,
+# positions, cache bookkeeping, logits processing. It is a visible share of a small
+# model's step and a smaller one as the model grows.
 #
 # ## 9. Checkpoints: safetensors against pickles
 #
@@ -693,9 +760,97 @@ mmcourse.record("dynamic_batching_throughput_ratio", ratio)
 # model's share is small, batching cannot gain much, and its window (plus the extra hop
 # through the batcher) can cost more than it saves: the ratio recorded can fall on either
 # side of 1 from run to run. When the model dominates (a large tower, or a GPU that sits
-# mostly idle on a batch of one), batching gains up to the per-item speed-up of section 5. When to use it: a server with many concurrent users and a model
-# whose batched forward is much cheaper per item than single calls (section 5).
+# mostly idle on a batch of one), batching gains up to the per-item speed-up of section 5. When to use it: a server with
+# many concurrent users and a model whose batched forward is much cheaper per item than
+# single calls (section 5).
+
+# %% [markdown]
+# ### Captioning as a service
 #
+# The same app serves chapter 10's captioner when it is given one: `POST /caption` takes an
+# image and `max_new_tokens` and answers with the greedy caption, decoded by
+# `mmcourse.generation` through `captioning.generate_text`, with dynamic batching (a batch
+# is decoded for its largest `max_new_tokens` and each caption cut to its own; greedy
+# decoding of one row does not depend on the others). To keep the chapter fast the
+# captioner reuses the tiny CLIP's trained image tower as its frozen vision encoder (the
+# same ViT configuration as chapter 10's) and trains only its one-layer decoder on the
+# training scenes' captions, with `mmcourse.train.fit` and chapter 10's
+# `captioning.sequence_loss`. It is saved with `save_captioner_bundle` (safetensors and
+# JSON) and the server loads it from that folder. The yardstick is chapter 10's
+# **attribute accuracy**: the colour, shape, size and position read out of each caption
+# against the scene, and against a *shuffled* baseline (each caption scored against
+# another test scene), which is what a caption that ignores its image would get.
+
+# %%
+from mmcourse import caption_metrics as cm
+from mmcourse.captioning import Captioner, CaptionerConfig, encode_sequences, generate_text, sequence_batches, sequence_loss
+from mmcourse.generation import GenerationConfig
+from mmcourse.train import TrainConfig, fit
+
+torch.manual_seed(seed)
+captioner = Captioner(CaptionerConfig(vocab_size=tokenizer.vocab_size, decoder_layers=1, max_length=24))
+captioner.encoder.load_state_dict(clip_model.image_encoder.state_dict())  # the CLIP's image tower, frozen
+captioner.encoder.requires_grad_(False)
+with torch.inference_mode():
+    caption_memory = captioner.encode(train["images"])  # (N, 16, D): computed once
+encoded_captions = encode_sequences(tokenizer, train["canonical_caption"])
+caption_gen, caption_batches = torch.Generator().manual_seed(seed), []
+while len(caption_batches) < caption_steps:
+    caption_batches += sequence_batches(caption_memory, encoded_captions, batch_size=64, generator=caption_gen, key="memory")
+caption_fit = fit(captioner, caption_batches[:caption_steps], loss_fn=sequence_loss,
+                  config=TrainConfig(max_steps=caption_steps, lr=3e-3, warmup_steps=caption_steps // 20,
+                                     eval_every=caption_steps, progress=False, device=str(device)))
+captioner_dir = serve.save_captioner_bundle(workdir / "captioner", captioner.cpu().eval(), tokenizer)
+caption_app = serve.create_app(bundle_dir, serve.ServeConfig(batch_window_ms=batch_window_ms), captioner=captioner_dir)
+caption_images = test["images"][:caption_requests]
+with serve.serving(caption_app) as url:
+    captions_load = serve.run_load(url, [{"image": im.tolist(), "max_new_tokens": 20} for im in caption_images],
+                                   path="/caption", concurrency=concurrency)
+served_captions = [r["caption"] for r in captions_load.responses]
+direct_captions, _ = generate_text(serve.load_captioner_bundle(captioner_dir).model, tokenizer, images=caption_images,
+                                   config=GenerationConfig(max_new_tokens=20))
+caption_acc = cm.attribute_accuracy(served_captions, test["objects"][:caption_requests])["overall"]
+shuffled_acc = cm.attribute_accuracy(served_captions, test["objects"][1:caption_requests] + test["objects"][:1])["overall"]
+print(f"captioner: decoder trained {caption_steps} steps in {caption_fit.seconds:.1f} s, final loss "
+      f"{caption_fit.history[-1]['loss']:.3f}; {caption_requests} captions served at concurrency {concurrency} in "
+      f"{captions_load.wall_s:.2f} s, {captions_load.errors} errors, each equal to generate_text on the loaded model: "
+      f"{served_captions == direct_captions}")
+for i in range(3):
+    print(f"  served: {served_captions[i]!r:42s} scene: {test['canonical_caption'][i]!r}")
+print(f"attribute accuracy of the served captions {caption_acc:.3f}; against shuffled scenes {shuffled_acc:.3f}")
+assert captions_load.errors == 0 and served_captions == direct_captions, "the service must caption as the model does"
+mmcourse.record("caption_attribute_accuracy", caption_acc, at_least=shuffled_acc + 0.2)
+
+# %% [markdown]
+# Bad caption requests: an image of the wrong shape, a body that is not JSON, a length of 0,
+# a length beyond the captioner's context, a length that is not a number; then a good one.
+
+# %%
+with serve.serving(caption_app) as url, httpx.Client(base_url=url, trust_env=False) as client:
+    good_caption = {"image": test["images"][0].tolist(), "max_new_tokens": 20}
+    bad_captions = {
+        "image of shape (3, 16, 16)": dict(good_caption, image=test["images"][0, :, :16, :16].tolist()),
+        "body that is not JSON": b"{image: [0.1]",
+        "max_new_tokens = 0": dict(good_caption, max_new_tokens=0),
+        "max_new_tokens = 500": dict(good_caption, max_new_tokens=500),
+        "max_new_tokens = 'long'": dict(good_caption, max_new_tokens="long"),
+    }
+    caption_answers = {}
+    for name, body in bad_captions.items():
+        if isinstance(body, bytes):
+            response = client.post("/caption", content=body, headers={"Content-Type": "application/json"})
+        else:
+            response = client.post("/caption", json=body)
+        caption_answers[name] = (response.status_code, response.json()["detail"])
+    caption_after = client.post("/caption", json=good_caption)
+for name, (code, detail) in caption_answers.items():
+    print(f"{name:28s} -> {code}: {detail[:110]}")
+print(f"then a good request -> {caption_after.status_code}: {caption_after.json()}")
+assert caption_after.status_code == 200
+mmcourse.record("caption_bad_requests_rejected", sum(400 <= code < 500 for code, _ in caption_answers.values()),
+                at_least=len(bad_captions))
+
+# %% [markdown]
 # ## 11. Summary
 #
 # The ratios of this run, against float32 eager on the same machine (re-run the chapter
@@ -705,15 +860,17 @@ mmcourse.record("dynamic_batching_throughput_ratio", ratio)
 # %%
 summary = pd.DataFrame([
     ("bf16 autocast", "zero-shot accuracy change", -bf16_drop, "GPUs and CPUs with bf16 units"),
-    ("int8 dynamic (torch)", "zero-shot accuracy change", -int8_drop, "CPU serving of wide matrices; memory"),
-    ("int8 dynamic (torch)", "checkpoint size ratio", int8_bytes / fp32_bytes, "smaller files and RAM"),
+    ("int8 torchao dynamic", "zero-shot accuracy change", -int8_drop, "CPU serving of wide matrices; memory"),
+    ("int8 torchao dynamic", "checkpoint size ratio", int8_bytes / fp32_bytes, "smaller files and RAM"),
     ("ONNX export", "max |ORT - PyTorch|", onnx_diff, "serving outside Python; other runtimes"),
     ("torch.compile", "speed-up after warm-up", compiled.speedup if run_compile else math.nan, "long-lived processes, fixed shapes"),
     ("torch.compile", "break-even calls", float(compiled.break_even_calls) if run_compile else math.nan, "ditto"),
     ("KV cache", "generation speed-up", kv_speedup, "always, for generation"),
+    ("our decoder (chapter 11)", "speed / transformers generate", ours_vs_hf, "ditto, same tokens"),
     ("safetensors", "load time / torch.load's", checkpoint_table.load_ms["safetensors"] / checkpoint_table.load_ms["torch.save"],
      "shipping weights"),
     ("dynamic batching", "server throughput ratio", ratio, "many concurrent requests"),
+    ("captioning service", "attribute accuracy", caption_acc, f"greedy captions over HTTP (shuffled scenes: {shuffled_acc:.2f})"),
 ], columns=["technique", "measured", "value", "when to use it"])
 summary["value"] = summary["value"].map(lambda v: f"{v:.3g}")
 print(f"notebook ran in {time.perf_counter() - notebook_start:.0f} s on {device} with {threads} thread(s)")
@@ -723,7 +880,9 @@ summary
 # * Measure latency as a distribution (p50 and p95) after warm-up, with the device
 #   synchronised and the threads fixed; compare candidates timed in turn.
 # * Cheaper precisions cost little accuracy here, but speed only where the hardware and the
-#   shapes allow: int8 pays on wide matrices, bf16 where there are bf16 units.
+#   shapes allow: int8 pays on wide matrices, bf16 where there are bf16 units. `torchao`
+#   is the maintained int8 path; eagerly on a CPU its per-call cost is higher than the
+#   deprecated `torch.ao` kernels', and it is meant to be compiled.
 # * `torch.compile` is an investment: compile time on one side, per-call savings on the
 #   other; the break-even says whether it pays.
 # * Fused attention kernels win more as sequences grow; the KV cache makes generation cost
@@ -731,7 +890,8 @@ summary
 # * Export to ONNX and check the outputs; ship weights as safetensors; never unpickle an
 #   untrusted file.
 # * A service is more than a model: validation with clear 4xx errors, a server that stays
-#   up, and dynamic batching when the load is high.
+#   up, and dynamic batching when the load is high; a captioner is served the same way,
+#   its greedy decoding batched across requests.
 #
 # ## Exercises
 #
