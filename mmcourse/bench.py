@@ -660,10 +660,7 @@ def _clip_main(args: argparse.Namespace) -> None:
 
 def _tiny_llama(args: argparse.Namespace) -> nn.Module:
     """A randomly initialised ``LlamaForCausalLM`` of the sizes in ``args`` (no stop token)."""
-    from mmcourse.deploy import quiet_torchao_imports
-
-    with quiet_torchao_imports():  # transformers imports torchao's notices with its models
-        from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     positive_int(
         hidden=args.hidden, layers=args.layers, heads=args.heads, vocab_size=args.vocab_size
@@ -690,11 +687,9 @@ def _tiny_llama(args: argparse.Namespace) -> nn.Module:
 # (a pretrained SmolLM2) here; the timing below works for any transformers causal LM.
 def _smollm2(args: argparse.Namespace) -> nn.Module:
     """SmolLM2-135M-Instruct from the bundled GGUF file (chapter 11), hash-checked, offline."""
-    from mmcourse.deploy import quiet_torchao_imports
     from mmcourse.pretrained import load_language_model
 
-    with quiet_torchao_imports():
-        return load_language_model()[1]
+    return load_language_model()[1]
 
 
 GENERATION_MODELS: dict[str, Callable[[argparse.Namespace], nn.Module]] = {

@@ -333,38 +333,15 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 TORCHAO_MODES = ("dynamic", "weight-only")
 
 
-@contextlib.contextmanager
-def quiet_torchao_imports() -> Iterator[None]:
-    """Silence the notices that importing torchao prints, for the block.
-
-    torchao 0.18 logs a warning for each CUDA-only extension it cannot load on a CPU-only
-    torch (and that Triton is missing), and registers pytree types that torch 2.13 reports
-    as deprecated; none of it matters here. ``transformers`` imports torchao (its torchao
-    quantiser) when it builds or loads a model, so the model builders of this module use it
-    too.
-    """
-    names = ("torchao", "torch.utils._pytree")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def _import_torchao() -> Any:
-    """``torchao.quantization``, its import notices silenced."""
-    with quiet_torchao_imports():
-        try:
-            import torchao.quantization as quantization
-        except ImportError as err:
-            raise ImportError(
-                "quantize_torchao needs torchao (pip install torchao==0.18.0, the version the "
-                "course pins)"
-            ) from err
+    """``torchao.quantization`` (its import notices are filtered by ``mmcourse/__init__``)."""
+    try:
+        import torchao.quantization as quantization
+    except ImportError as err:
+        raise ImportError(
+            "quantize_torchao needs torchao (pip install torchao==0.18.0, the version the "
+            "course pins)"
+        ) from err
     return quantization
 
 
@@ -731,8 +708,7 @@ def load_smollm2(*, verify: bool = True) -> tuple[nn.Module, Any]:
     Raises:
         ModelFileError: the package is missing or the file's SHA-256 is not the expected one.
     """
-    with quiet_torchao_imports():
-        tokenizer, model = load_language_model(verify=verify)
+    tokenizer, model = load_language_model(verify=verify)
     return model.eval(), tokenizer
 
 
@@ -768,7 +744,7 @@ def random_llama(*, num_layers: int = 4, seed: int = 0, **sizes: Any) -> nn.Modu
     """
     positive_int(num_layers=num_layers)
     config = {**SMOLLM2_SIZES, **sizes, "num_hidden_layers": num_layers}
-    with torch.random.fork_rng(), quiet_torchao_imports():
+    with torch.random.fork_rng():
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(seed)
@@ -890,8 +866,7 @@ def hf_generate(
     Taught in notebooks/13_efficient_inference_and_deployment.
     """
     _check_prompt(prompt_ids, max_new_tokens)
-    with quiet_torchao_imports():  # a first generate may import transformers' torchao parts
-        model.generate(prompt_ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    model.generate(prompt_ids, max_new_tokens=1, do_sample=False, pad_token_id=0)  # warm-up
     start = time.perf_counter()
     out = model.generate(
         prompt_ids,

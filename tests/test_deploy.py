@@ -3,12 +3,15 @@ backends against the reference, the KV cache (bytes and decoding equal to ``gene
 export equal to PyTorch, and checkpoints that round-trip. No timing is asserted."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import mmcourse
 from mmcourse import deploy
 from mmcourse.clip import TinyClip, TinyClipConfig, WordTokenizer
 
@@ -380,3 +383,11 @@ def test_explorer_draws_a_point_of_the_sweep_headless():
     with pytest.raises(ValueError, match="at batch size 4"):
         deploy.draw_sweep_point(fig, table=rows, batch=4, candidate="int8 torchao")
     assert plt.get_fignums() == before
+
+
+def test_importing_torchao_after_mmcourse_prints_no_cpu_notices():
+    code = "import mmcourse, torchao.quantization, transformers; transformers.BertConfig()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for notice in mmcourse._ImportNotices.NOTICES:
+        assert notice not in done.stderr, done.stderr
