@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from mmcourse import utils
 from mmcourse.attention import MultiHeadAttention
+from mmcourse.encoders import count_parameters  # the course's one parameter count, re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -723,11 +724,6 @@ class FusionClassifier(nn.Module):
             x = torch.where(mask[:, m, None, None], inputs[m], torch.zeros_like(inputs[m]))
             tokens.append(self.encoders[cfg.modalities[m]](x))
         return tokens
-
-
-def count_parameters(model: nn.Module) -> int:
-    """The number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # --- data and training --------------------------------------------------------------------
