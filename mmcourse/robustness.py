@@ -32,6 +32,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcourse import utils
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -924,6 +928,105 @@ class AudioTokens(nn.Module):
         return self.standardize(self._tokens(waveforms))
 
 
+# --- the chapter's explorer -------------------------------------------------------------------
+
+ATTACKED = ("image", "audio", "both")  # what the explorer's attacker may change
+
+
+def draw_attack_example(
+    fig: Figure,
+    *,
+    model: RawInputModel,
+    inputs: Mapping[str, Tensor],
+    label: int,
+    eps: float,
+    attacked: str,
+    audio_ratio: float,
+    steps: int = 10,
+    window: tuple[int, int] = (4000, 4200),
+) -> Tensor:
+    """One AV-Digits example, clean and under PGD: the explorer of chapter 12.
+
+    Five panels in a row: the clean image; the attacked image; the image change divided by
+    eps (so the amplified perturbation is visible); a window of the recording (grey) with
+    the audio change (red, scaled by 0.5 / its eps); the model's class probabilities on the
+    clean and on the attacked input.
+
+    Args:
+        fig: an empty figure to draw into.
+        model: a :class:`RawInputModel` with modalities ``"image"`` and ``"audio"``.
+        inputs: ``{"image": (1, 1, H, W), "audio": (1, T)}`` one clean example.
+        label: its true class.
+        eps: the image budget (L-inf, pixels); the audio budget is ``eps * audio_ratio``.
+        attacked: ``"image"``, ``"audio"`` or ``"both"``.
+        audio_ratio: audio eps / image eps.
+        steps: PGD steps.
+        window: the samples ``[start, stop)`` of the recording shown.
+
+    Returns:
+        (K,) the model's class probabilities on the attacked input.
+
+    Taught in notebooks/12_robustness_and_adversarial_learning.
+    """
+    utils.one_of("attacked", attacked, ATTACKED)
+    utils.positive_int(steps=steps)
+    Budget(eps=eps)  # raises on a negative eps
+    utils.positive_float(audio_ratio=audio_ratio)
+    if set(model.names) != {"image", "audio"}:
+        raise ValueError(f"the model must take 'image' and 'audio', it takes {model.names}")
+    model.check_inputs(inputs)
+    if inputs["image"].shape[0] != 1:
+        raise ValueError(f"expected one example, got a batch of {inputs['image'].shape[0]}")
+    start, stop = window
+    if not 0 <= start < stop <= inputs["audio"].shape[-1]:
+        raise ValueError(
+            f"window must satisfy 0 <= start < stop <= {inputs['audio'].shape[-1]}, got {window}"
+        )
+    model.eval()
+    device = _device(model)
+    x = {k: v.to(device) for k, v in inputs.items()}
+    y = torch.tensor([int(label)], device=device)
+    budgets = {"image": eps, "audio": eps * audio_ratio}
+    if attacked != "both":
+        budgets = {attacked: budgets[attacked]}
+    adv = pgd(model, x, y, budgets=budgets, steps=steps, check=False) if eps > 0 else x
+    with torch.no_grad():
+        clean_probs = model(x).softmax(-1)[0].float().cpu()  # (K,)
+        probs = model(adv).softmax(-1)[0].float().cpu()  # (K,)
+    image, image_adv = x["image"][0, 0].cpu(), adv["image"][0, 0].cpu()  # (H, W)
+    wave, wave_adv = x["audio"][0].cpu(), adv["audio"][0].cpu()  # (T,)
+    axes = fig.subplots(1, 5, gridspec_kw={"width_ratios": [1, 1, 1, 2, 2]})
+    what = {"image": "image", "audio": "audio", "both": "image + audio"}[attacked]
+    for ax, img, title in ((axes[0], image, "clean image"), (axes[1], image_adv, "attacked image")):
+        ax.imshow(img.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+    delta = (image_adv - image) / (eps if eps > 0 else 1.0)  # (H, W) in [-1, 1]
+    axes[2].imshow(delta.numpy(), cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    axes[2].set_title("image change / eps", fontsize=9)
+    for ax in axes[:3]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    audio_eps = eps * audio_ratio
+    axes[3].plot(wave[start:stop].numpy(), color="0.6", lw=0.8)
+    change = (wave_adv - wave)[start:stop] / (audio_eps if audio_eps > 0 else 1.0) * 0.5
+    axes[3].plot(change.numpy(), color="#C44E52", lw=0.8)
+    axes[3].set_title("audio window: recording (grey), change x 0.5/eps (red)", fontsize=8)
+    axes[3].set_xticks([])
+    classes = np.arange(probs.shape[0])
+    axes[4].bar(classes - 0.2, clean_probs.numpy(), width=0.4, color="0.7", label="clean")
+    colours = ["#55A868" if k == int(label) else "#4C72B0" for k in classes]
+    axes[4].bar(classes + 0.2, probs.numpy(), width=0.4, color=colours, label="attacked")
+    axes[4].set_xticks(classes)
+    axes[4].set_ylim(0, 1)
+    axes[4].legend(fontsize=7, loc="upper right")
+    axes[4].set_title(
+        f"prediction: {int(clean_probs.argmax())} -> {int(probs.argmax())} (true {int(label)})",
+        fontsize=9,
+    )
+    fig.suptitle(f"PGD-{steps} on the {what}, image eps = {eps:.2f}, audio eps = {audio_eps:.4f}")
+    return probs
+
+
 __all__ = [
     "NORMS",
     "AT_METHODS",
@@ -949,4 +1052,6 @@ __all__ = [
     "Standardize",
     "ImageTokens",
     "AudioTokens",
+    "ATTACKED",
+    "draw_attack_example",
 ]

@@ -607,70 +607,28 @@ print(pd.Series(train_mode_rows, name=f"late fusion with modality dropout p={mod
 # %% [markdown]
 # ## 5. An explorer: how much does it take?
 #
-# Pick a budget and the modality to attack: the figure shows the test example, the
-# perturbation PGD found (amplified to be visible) and the fused model's prediction. With
-# a Jupyter front end the controls redraw the figure; without one, the static overview
-# below stands in for them.
+# Pick a budget and what the attacker may change (the image, the audio, or both; the audio
+# budget stays a tenth of the image budget, as in our threat model): the figure shows a test
+# example clean and attacked, the image perturbation PGD found (divided by $\epsilon$, so it
+# is visible however small), the change to a 25 ms window of the recording, and the fused
+# model's class probabilities before and after. With a Jupyter front end the controls
+# redraw the figure; without one it is drawn once, at the chosen threat model.
 
 # %%
+import ipywidgets as widgets
+
+from mmcourse.widgets import explore
+
 fused = models["late_average", seed]
 example = int((Y["test"] == 3).nonzero()[0])
-
-
-def explore(eps, modality, axes):
-    x = {k: v[example : example + 1] for k, v in X["test"].items()}
-    y = Y["test"][example : example + 1]
-    budget = {"image": {"image": eps}, "audio": {"audio": eps * ratio}, "both": {"image": eps, "audio": eps * ratio}}[modality]
-    adv = R.pgd(fused.eval(), x, y, budgets=budget, steps=pgd_steps) if eps > 0 else x
-    with torch.no_grad():
-        probs = fused(adv).softmax(-1)[0]
-    delta = adv["image"][0, 0] - x["image"][0, 0]
-    axes[0].imshow(adv["image"][0, 0], cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    axes[0].set_title(f"image, eps={eps:.2f}" if "image" in budget and eps > 0 else "image (clean)")
-    axes[1].imshow(delta / (eps if eps > 0 else 1), cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
-    axes[1].set_title("image change / eps")
-    window = slice(4000, 4200)  # 25 ms in the middle of the clip
-    wave_delta = (adv["audio"][0] - x["audio"][0]).numpy()[window]
-    axes[2].plot(x["audio"][0].numpy()[window], color="0.6", lw=0.8, label="recording")
-    axes[2].plot(wave_delta / max(eps * ratio, 1e-12) * 0.5, color="#C44E52", lw=0.8, label="change x 0.5/eps")
-    axes[2].set_title("audio, 25 ms: recording (grey), change (red, scaled)", fontsize=8)
-    axes[2].set_xticks([])
-    axes[3].bar(range(10), probs.numpy(), color=["#55A868" if k == int(y) else "#4C72B0" for k in range(10)])
-    axes[3].set_title(f"prediction: {int(probs.argmax())} (true {int(y)})")
-    axes[3].set_xticks(range(10))
-    for ax in axes[:2]:
-        ax.set_xticks([])
-        ax.set_yticks([])
-
-
-fig, axes = plt.subplots(3, 4, figsize=(12, 7.5), layout="constrained")
-for row, (eps, modality) in zip(axes, [(0.0, "image"), (eps_image, "image"), (eps_image, "audio")], strict=True):
-    explore(eps, modality, row)
-    row[0].set_ylabel(f"{modality} attacked" if eps > 0 else "clean")
-fig.suptitle(f"Test example {example}: clean, image attacked, audio attacked (PGD-{pgd_steps}; static overview)")
-plt.show()
-
-try:
-    import ipywidgets as widgets
-    from IPython import get_ipython
-    from IPython.display import display
-
-    from mmcourse.widgets import frontend_attached
-
-    has_kernel = frontend_attached()  # a live front end; headless runs store only the figure
-except ImportError:
-    has_kernel = False
-if has_kernel:
-    def _draw(eps, modality):
-        fig, axes = plt.subplots(1, 4, figsize=(12, 2.8), layout="constrained")
-        explore(eps, modality, axes)
-        plt.show()
-
-    display(widgets.interactive(
-        _draw,
-        eps=widgets.FloatSlider(value=eps_image, min=0.0, max=0.3, step=0.01, description="image eps"),
-        modality=widgets.Dropdown(options=["image", "audio", "both"], value="image", description="attack"),
-    ))
+explore(
+    R.draw_attack_example,
+    figsize=(13, 2.9),
+    fixed={"model": fused, "inputs": {k: v[example : example + 1] for k, v in X["test"].items()},
+           "label": int(Y["test"][example]), "audio_ratio": ratio, "steps": pgd_steps},
+    eps=widgets.FloatSlider(value=eps_image, min=0.0, max=0.3, step=0.01, description="image eps"),
+    attacked=widgets.Dropdown(options=list(R.ATTACKED), value="both", description="attack"),
+);
 
 # %% [markdown]
 # ## 6. Random corruptions and a missing modality
