@@ -928,6 +928,89 @@ class AudioTokens(nn.Module):
         return self.standardize(self._tokens(waveforms))
 
 
+# --- a small convolutional image tower (catastrophic overfitting) ---------------------------
+
+
+@dataclass
+class ConvTowerConfig:
+    """A small ReLU + BatchNorm CNN over one-channel images.
+
+    Taught in notebooks/12_robustness_and_adversarial_learning.
+    """
+
+    image_size: int = 8  # H = W of the input images
+    width: int = 32  # channels of the first convolution (the second has twice as many)
+    upsample: int = 2  # nearest-neighbour upsampling factor inside the model (1: none)
+    hidden: int = 100  # units of the hidden dense layer
+    num_classes: int = 10  # K
+    batch_norm: bool = True  # BatchNorm after each convolution
+
+    def __post_init__(self) -> None:
+        utils.positive_int(
+            image_size=self.image_size,
+            width=self.width,
+            upsample=self.upsample,
+            hidden=self.hidden,
+            num_classes=self.num_classes,
+        )
+        if (self.image_size * self.upsample) % 2:
+            raise ValueError(
+                f"image_size * upsample must be even (a stride-2 convolution halves it), got "
+                f"{self.image_size} * {self.upsample}"
+            )
+
+
+class ConvImageTower(nn.Module):
+    """(B, 1, H, W) pixels in [0, 1] -> (B, K) logits: the classic small CNN of fast-AT studies.
+
+    x -> nearest upsampling by ``upsample`` (inside the model: an attack still perturbs the
+    H x W pixels) -> conv 3x3 (width) -> BN -> ReLU -> conv 3x3 stride 2 (2 width) -> BN ->
+    ReLU -> dense (hidden) -> ReLU -> dense (K). Pixels are centred (x - 0.5) first. ReLU
+    networks with BatchNorm are where FGSM training without a random start overfits
+    catastrophically (Wong et al. 2020); upsampling gives the convolutions finer feature
+    maps, and more capacity, at the same input size.
+
+    Args:
+        config: a :class:`ConvTowerConfig`.
+
+    Taught in notebooks/12_robustness_and_adversarial_learning.
+    """
+
+    def __init__(self, config: ConvTowerConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or ConvTowerConfig()
+        w = c.width
+
+        def norm(channels: int) -> nn.Module:
+            return nn.BatchNorm2d(channels) if c.batch_norm else nn.Identity()
+
+        side = c.image_size * c.upsample // 2  # after the stride-2 convolution
+        self.features = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1),
+            norm(w),
+            nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1, stride=2),
+            norm(2 * w),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(
+            nn.Linear(2 * w * side * side, c.hidden), nn.ReLU(), nn.Linear(c.hidden, c.num_classes)
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, 1, H, W) -> (B, K) logits."""
+        size = self.config.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (1, size, size):
+            raise ValueError(f"expected images (B, 1, {size}, {size}), got {tuple(images.shape)}")
+        x = images - 0.5  # (B, 1, H, W) centred
+        if self.config.upsample > 1:
+            x = F.interpolate(
+                x, scale_factor=self.config.upsample, mode="nearest"
+            )  # (B, 1, uH, uW)
+        return self.head(self.features(x))  # (B, K)
+
+
 # --- the chapter's explorer -------------------------------------------------------------------
 
 ATTACKED = ("image", "audio", "both")  # what the explorer's attacker may change
@@ -1052,6 +1135,8 @@ __all__ = [
     "Standardize",
     "ImageTokens",
     "AudioTokens",
+    "ConvTowerConfig",
+    "ConvImageTower",
     "ATTACKED",
     "draw_attack_example",
 ]

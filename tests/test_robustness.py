@@ -410,3 +410,28 @@ def test_explorer_draws_clean_and_attacked_example():
             **{**kw, "inputs": {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in x.items()}},
         )
     assert plt.get_fignums() == before
+
+
+def test_conv_image_tower_shapes_upsampling_and_errors():
+    torch.manual_seed(0)
+    x = torch.rand(5, 1, 8, 8, requires_grad=True)
+    for upsample in (1, 2):
+        tower = R.ConvImageTower(R.ConvTowerConfig(width=4, upsample=upsample, hidden=8)).eval()
+        logits = tower(x)
+        assert logits.shape == (5, 10)
+        (g,) = torch.autograd.grad(logits.logsumexp(-1).sum(), x)
+        assert g.shape == x.shape and g.abs().sum() > 0  # an attack can reach the pixels
+    # nearest upsampling inside the model equals upsampling the input of a tower without it
+    up = R.ConvImageTower(R.ConvTowerConfig(width=4, upsample=2, hidden=8)).eval()
+    plain = R.ConvImageTower(R.ConvTowerConfig(image_size=16, width=4, upsample=1, hidden=8)).eval()
+    plain.load_state_dict(up.state_dict())
+    big = x.detach().repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # (5, 1, 16, 16)
+    torch.testing.assert_close(up(x.detach()), plain(big), atol=1e-6, rtol=0)
+    no_bn = R.ConvImageTower(R.ConvTowerConfig(width=4, batch_norm=False))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in no_bn.modules())
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        R.ConvTowerConfig(width=0)
+    with pytest.raises(ValueError, match="must be even"):
+        R.ConvTowerConfig(image_size=7, upsample=1)
+    with pytest.raises(ValueError, match=r"expected images \(B, 1, 8, 8\)"):
+        up(torch.rand(2, 3, 8, 8))
