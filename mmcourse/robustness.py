@@ -32,6 +32,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcourse import utils
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -924,6 +928,188 @@ class AudioTokens(nn.Module):
         return self.standardize(self._tokens(waveforms))
 
 
+# --- a small convolutional image tower (catastrophic overfitting) ---------------------------
+
+
+@dataclass
+class ConvTowerConfig:
+    """A small ReLU + BatchNorm CNN over one-channel images.
+
+    Taught in notebooks/12_robustness_and_adversarial_learning.
+    """
+
+    image_size: int = 8  # H = W of the input images
+    width: int = 32  # channels of the first convolution (the second has twice as many)
+    upsample: int = 2  # nearest-neighbour upsampling factor inside the model (1: none)
+    hidden: int = 100  # units of the hidden dense layer
+    num_classes: int = 10  # K
+    batch_norm: bool = True  # BatchNorm after each convolution
+
+    def __post_init__(self) -> None:
+        utils.positive_int(
+            image_size=self.image_size,
+            width=self.width,
+            upsample=self.upsample,
+            hidden=self.hidden,
+            num_classes=self.num_classes,
+        )
+        if (self.image_size * self.upsample) % 2:
+            raise ValueError(
+                f"image_size * upsample must be even (a stride-2 convolution halves it), got "
+                f"{self.image_size} * {self.upsample}"
+            )
+
+
+class ConvImageTower(nn.Module):
+    """(B, 1, H, W) pixels in [0, 1] -> (B, K) logits: the classic small CNN of fast-AT studies.
+
+    x -> nearest upsampling by ``upsample`` (inside the model: an attack still perturbs the
+    H x W pixels) -> conv 3x3 (width) -> BN -> ReLU -> conv 3x3 stride 2 (2 width) -> BN ->
+    ReLU -> dense (hidden) -> ReLU -> dense (K). Pixels are centred (x - 0.5) first. ReLU
+    networks with BatchNorm are where FGSM training without a random start overfits
+    catastrophically (Wong et al. 2020); upsampling gives the convolutions finer feature
+    maps, and more capacity, at the same input size.
+
+    Args:
+        config: a :class:`ConvTowerConfig`.
+
+    Taught in notebooks/12_robustness_and_adversarial_learning.
+    """
+
+    def __init__(self, config: ConvTowerConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or ConvTowerConfig()
+        w = c.width
+
+        def norm(channels: int) -> nn.Module:
+            return nn.BatchNorm2d(channels) if c.batch_norm else nn.Identity()
+
+        side = c.image_size * c.upsample // 2  # after the stride-2 convolution
+        self.features = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1),
+            norm(w),
+            nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1, stride=2),
+            norm(2 * w),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(
+            nn.Linear(2 * w * side * side, c.hidden), nn.ReLU(), nn.Linear(c.hidden, c.num_classes)
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, 1, H, W) -> (B, K) logits."""
+        size = self.config.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (1, size, size):
+            raise ValueError(f"expected images (B, 1, {size}, {size}), got {tuple(images.shape)}")
+        x = images - 0.5  # (B, 1, H, W) centred
+        if self.config.upsample > 1:
+            x = F.interpolate(
+                x, scale_factor=self.config.upsample, mode="nearest"
+            )  # (B, 1, uH, uW)
+        return self.head(self.features(x))  # (B, K)
+
+
+# --- the chapter's explorer -------------------------------------------------------------------
+
+ATTACKED = ("image", "audio", "both")  # what the explorer's attacker may change
+
+
+def draw_attack_example(
+    fig: Figure,
+    *,
+    model: RawInputModel,
+    inputs: Mapping[str, Tensor],
+    label: int,
+    eps: float,
+    attacked: str,
+    audio_ratio: float,
+    steps: int = 10,
+    window: tuple[int, int] = (4000, 4200),
+) -> Tensor:
+    """One AV-Digits example, clean and under PGD: the explorer of chapter 12.
+
+    Five panels in a row: the clean image; the attacked image; the image change divided by
+    eps (so the amplified perturbation is visible); a window of the recording (grey) with
+    the audio change (red, scaled by 0.5 / its eps); the model's class probabilities on the
+    clean and on the attacked input.
+
+    Args:
+        fig: an empty figure to draw into.
+        model: a :class:`RawInputModel` with modalities ``"image"`` and ``"audio"``.
+        inputs: ``{"image": (1, 1, H, W), "audio": (1, T)}`` one clean example.
+        label: its true class.
+        eps: the image budget (L-inf, pixels); the audio budget is ``eps * audio_ratio``.
+        attacked: ``"image"``, ``"audio"`` or ``"both"``.
+        audio_ratio: audio eps / image eps.
+        steps: PGD steps.
+        window: the samples ``[start, stop)`` of the recording shown.
+
+    Returns:
+        (K,) the model's class probabilities on the attacked input.
+
+    Taught in notebooks/12_robustness_and_adversarial_learning.
+    """
+    utils.one_of("attacked", attacked, ATTACKED)
+    utils.positive_int(steps=steps)
+    Budget(eps=eps)  # raises on a negative eps
+    utils.positive_float(audio_ratio=audio_ratio)
+    if set(model.names) != {"image", "audio"}:
+        raise ValueError(f"the model must take 'image' and 'audio', it takes {model.names}")
+    model.check_inputs(inputs)
+    if inputs["image"].shape[0] != 1:
+        raise ValueError(f"expected one example, got a batch of {inputs['image'].shape[0]}")
+    start, stop = window
+    if not 0 <= start < stop <= inputs["audio"].shape[-1]:
+        raise ValueError(
+            f"window must satisfy 0 <= start < stop <= {inputs['audio'].shape[-1]}, got {window}"
+        )
+    model.eval()
+    device = _device(model)
+    x = {k: v.to(device) for k, v in inputs.items()}
+    y = torch.tensor([int(label)], device=device)
+    budgets = {"image": eps, "audio": eps * audio_ratio}
+    if attacked != "both":
+        budgets = {attacked: budgets[attacked]}
+    adv = pgd(model, x, y, budgets=budgets, steps=steps, check=False) if eps > 0 else x
+    with torch.no_grad():
+        clean_probs = model(x).softmax(-1)[0].float().cpu()  # (K,)
+        probs = model(adv).softmax(-1)[0].float().cpu()  # (K,)
+    image, image_adv = x["image"][0, 0].cpu(), adv["image"][0, 0].cpu()  # (H, W)
+    wave, wave_adv = x["audio"][0].cpu(), adv["audio"][0].cpu()  # (T,)
+    axes = fig.subplots(1, 5, gridspec_kw={"width_ratios": [1, 1, 1, 2, 2]})
+    what = {"image": "image", "audio": "audio", "both": "image + audio"}[attacked]
+    for ax, img, title in ((axes[0], image, "clean image"), (axes[1], image_adv, "attacked image")):
+        ax.imshow(img.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+    delta = (image_adv - image) / (eps if eps > 0 else 1.0)  # (H, W) in [-1, 1]
+    axes[2].imshow(delta.numpy(), cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    axes[2].set_title("image change / eps", fontsize=9)
+    for ax in axes[:3]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    audio_eps = eps * audio_ratio
+    axes[3].plot(wave[start:stop].numpy(), color="0.6", lw=0.8)
+    change = (wave_adv - wave)[start:stop] / (audio_eps if audio_eps > 0 else 1.0) * 0.5
+    axes[3].plot(change.numpy(), color="#C44E52", lw=0.8)
+    axes[3].set_title("audio window: recording (grey), change x 0.5/eps (red)", fontsize=8)
+    axes[3].set_xticks([])
+    classes = np.arange(probs.shape[0])
+    axes[4].bar(classes - 0.2, clean_probs.numpy(), width=0.4, color="0.7", label="clean")
+    colours = ["#55A868" if k == int(label) else "#4C72B0" for k in classes]
+    axes[4].bar(classes + 0.2, probs.numpy(), width=0.4, color=colours, label="attacked")
+    axes[4].set_xticks(classes)
+    axes[4].set_ylim(0, 1)
+    axes[4].legend(fontsize=7, loc="upper right")
+    axes[4].set_title(
+        f"prediction: {int(clean_probs.argmax())} -> {int(probs.argmax())} (true {int(label)})",
+        fontsize=9,
+    )
+    fig.suptitle(f"PGD-{steps} on the {what}, image eps = {eps:.2f}, audio eps = {audio_eps:.4f}")
+    return probs
+
+
 __all__ = [
     "NORMS",
     "AT_METHODS",
@@ -949,4 +1135,8 @@ __all__ = [
     "Standardize",
     "ImageTokens",
     "AudioTokens",
+    "ConvTowerConfig",
+    "ConvImageTower",
+    "ATTACKED",
+    "draw_attack_example",
 ]

@@ -339,3 +339,99 @@ def test_av_digits_front_ends_are_differentiable_and_standardised():
     w = waves[:2].clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(aud(w).sum(), w)
     assert grad.abs().sum() > 0
+
+
+# --- the chapter's explorer, headless ----------------------------------------------------------
+
+
+def _tiny_av_model():
+    torch.manual_seed(0)
+    cfg = FusionConfig(strategy="late_average", num_tokens=(4, 3), token_dims=(4, 100), dim=8)
+    return R.RawInputModel(
+        FusionClassifier(cfg).eval(),
+        ranges={"image": (0, 1), "audio": (-1, 1)},
+        preprocess={
+            "image": nn.Sequential(
+                nn.Flatten(1), nn.Unflatten(1, (4, 4))
+            ),  # (1, 1, 4, 4) -> (1, 4, 4)
+            "audio": nn.Unflatten(1, (3, 100)),  # (1, 300) -> (1, 3, 100)
+        },
+        accepts_present=True,
+    )
+
+
+def test_explorer_draws_clean_and_attacked_example():
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    model = _tiny_av_model()
+    g = torch.Generator().manual_seed(0)
+    x = {
+        "image": torch.rand(1, 1, 4, 4, generator=g),
+        "audio": torch.rand(1, 300, generator=g) - 0.5,
+    }
+    with torch.no_grad():
+        clean = model(x).softmax(-1)[0]
+    label = int(clean.argmax())
+    before = plt.get_fignums()
+    fig = Figure(figsize=(13, 3))
+    kw = dict(model=model, inputs=x, label=label, audio_ratio=0.1, steps=3, window=(100, 200))
+    # eps = 0: nothing changes, the prediction is the clean one
+    probs = R.draw_attack_example(fig, eps=0.0, attacked="both", **kw)
+    torch.testing.assert_close(probs, clean)
+    assert len(fig.axes) == 5
+    np.testing.assert_array_equal(fig.axes[1].images[0].get_array(), x["image"][0, 0].numpy())
+    assert not fig.axes[2].images[0].get_array().any()  # no image change
+    # the image attacked: its change fills the ball, the audio stays untouched
+    for attacked, image_moves, audio_moves in [
+        ("image", True, False),
+        ("audio", False, True),
+        ("both", True, True),
+    ]:
+        fig.clear()
+        probs = R.draw_attack_example(fig, eps=0.3, attacked=attacked, **kw)
+        assert probs.shape == (10,) and abs(probs.sum().item() - 1) < 1e-5
+        change = np.asarray(fig.axes[2].images[0].get_array())  # image change / eps
+        assert (np.abs(change).max() > 0.5) == image_moves and np.abs(change).max() <= 1 + 1e-5
+        audio_change = fig.axes[3].lines[1].get_ydata()  # (change / audio eps) * 0.5
+        assert (np.abs(audio_change).max() > 0) == audio_moves
+        assert np.abs(audio_change).max() <= 0.5 + 1e-4
+        assert (
+            f"true {label}" in fig.axes[4].get_title() and "eps = 0.30" in fig._suptitle.get_text()
+        )
+        assert probs[label] <= clean[label] + 1e-6  # the attack never helps the true class here
+    with pytest.raises(ValueError, match="attacked must be one of"):
+        R.draw_attack_example(fig, eps=0.1, attacked="text", **kw)
+    with pytest.raises(ValueError, match="one example"):
+        R.draw_attack_example(
+            fig,
+            eps=0.1,
+            attacked="both",
+            **{**kw, "inputs": {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in x.items()}},
+        )
+    assert plt.get_fignums() == before
+
+
+def test_conv_image_tower_shapes_upsampling_and_errors():
+    torch.manual_seed(0)
+    x = torch.rand(5, 1, 8, 8, requires_grad=True)
+    for upsample in (1, 2):
+        tower = R.ConvImageTower(R.ConvTowerConfig(width=4, upsample=upsample, hidden=8)).eval()
+        logits = tower(x)
+        assert logits.shape == (5, 10)
+        (g,) = torch.autograd.grad(logits.logsumexp(-1).sum(), x)
+        assert g.shape == x.shape and g.abs().sum() > 0  # an attack can reach the pixels
+    # nearest upsampling inside the model equals upsampling the input of a tower without it
+    up = R.ConvImageTower(R.ConvTowerConfig(width=4, upsample=2, hidden=8)).eval()
+    plain = R.ConvImageTower(R.ConvTowerConfig(image_size=16, width=4, upsample=1, hidden=8)).eval()
+    plain.load_state_dict(up.state_dict())
+    big = x.detach().repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # (5, 1, 16, 16)
+    torch.testing.assert_close(up(x.detach()), plain(big), atol=1e-6, rtol=0)
+    no_bn = R.ConvImageTower(R.ConvTowerConfig(width=4, batch_norm=False))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in no_bn.modules())
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        R.ConvTowerConfig(width=0)
+    with pytest.raises(ValueError, match="must be even"):
+        R.ConvTowerConfig(image_size=7, upsample=1)
+    with pytest.raises(ValueError, match=r"expected images \(B, 1, 8, 8\)"):
+        up(torch.rand(2, 3, 8, 8))
