@@ -435,3 +435,60 @@ def test_conv_image_tower_shapes_upsampling_and_errors():
         R.ConvTowerConfig(image_size=7, upsample=1)
     with pytest.raises(ValueError, match=r"expected images \(B, 1, 8, 8\)"):
         up(torch.rand(2, 3, 8, 8))
+
+
+@pytest.mark.slow
+def test_fgsm_from_zero_collapses_on_the_conv_tower():
+    """Chapter 12's claim behind co_tower="cnn", for one seed: PGD accuracy peaks, then falls
+    to less than half its peak while FGSM accuracy stays far above it (the notebook's settings)."""
+    from mmcourse.data import avdigits
+
+    splits = {
+        s: avdigits.av_digits_tensors(
+            s, config=avdigits.AVDigitsConfig(seed=0), features="waveform"
+        )
+        for s in ("train", "validation")
+    }
+    x_val, y_val = {"image": splits["validation"]["image"]}, splits["validation"]["label"]
+    budget = {"image": 0.3}
+
+    def robust_validation(model):
+        with torch.enable_grad():
+            return {
+                "accuracy": R.accuracy(model, x_val, y_val),
+                "fgsm": R.attack_accuracy(model, x_val, y_val, attack=R.fgsm, budgets=budget),
+                "pgd": R.attack_accuracy(model, x_val, y_val, budgets=budget, steps=10),
+            }
+
+    torch.manual_seed(0)
+    tower = R.ConvImageTower(R.ConvTowerConfig(width=32, upsample=2))
+    model = R.RawInputModel(tower, ranges={"image": (0.0, 1.0)}, as_list=False)
+    batches = R.make_batches(
+        {"image": splits["train"]["image"]},
+        splits["train"]["label"],
+        batch_size=128,
+        epochs=60,
+        seed=0,
+    )
+    config = TrainConfig(
+        max_steps=400,
+        lr=3e-3,
+        schedule="constant",
+        grad_clip=None,
+        weight_decay=5e-4,
+        eval_every=40,
+        progress=False,
+        restore_best=False,
+        device="cpu",
+    )
+    loss = R.AdversarialLoss(budgets=budget, method="fgsm", seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convolutions: one thread is several times faster here
+    try:
+        rows = fit(model, batches, loss_fn=loss, config=config, evaluate_fn=robust_validation)
+    finally:
+        torch.set_num_threads(threads)
+    pgd = [row["pgd"] for row in rows.evaluations()]
+    fgsm = [row["fgsm"] for row in rows.evaluations()]
+    assert max(pgd) - pgd[-1] >= 0.5 * max(pgd), pgd
+    assert fgsm[-1] > 3 * pgd[-1], (fgsm, pgd)

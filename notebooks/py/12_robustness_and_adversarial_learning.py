@@ -584,7 +584,9 @@ mmcourse.record("fgsm_no_random_start_pgd_below_fast_at", float(gap_to_fast_at.m
 # times this section's CPU budget, so it is behind the parameter: run the chapter with
 # `co_tower = "cnn"` (with a few minutes to spare, or on a GPU) to see the curves. The
 # recorded fall from the peak must then be at least half of the peak, so a run in which the
-# collapse does not happen fails.
+# collapse does not happen fails. The course's tests re-run the CNN's FGSM-from-zero
+# training for one seed (`test_fgsm_from_zero_collapses_on_the_conv_tower`, about 30 s on
+# one core) and check the same fall, so this paragraph cannot go stale silently.
 #
 # > **Common pitfall: gradient masking.** A defence can look robust because the attack's
 # > gradient has stopped being informative, not because the model is robust. The
