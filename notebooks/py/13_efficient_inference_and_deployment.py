@@ -714,6 +714,19 @@ load_table.round(1)
 # %%
 import httpx
 
+
+def post_each(client, path, bodies):
+    """POST every body (a dict as JSON, bytes as a raw JSON-typed body); {name: (status, detail)}."""
+    answers = {}
+    for name, body in bodies.items():
+        if isinstance(body, bytes):
+            response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        else:
+            response = client.post(path, json=body)
+        answers[name] = (response.status_code, response.json()["detail"])
+    return answers
+
+
 with serve.serving(apps[True]) as url, httpx.Client(base_url=url, trust_env=False) as client:
     good = {"image": test["images"][0].tolist(), "labels": ["red circle", "blue square"]}
     bad = {
@@ -724,13 +737,7 @@ with serve.serving(apps[True]) as url, httpx.Client(base_url=url, trust_env=Fals
         "ragged image": dict(good, image=[[0.1, 0.2], [0.3]]),
         "template without a slot": dict(good, templates=["a picture"]),
     }
-    answers = {}
-    for name, body in bad.items():
-        if isinstance(body, bytes):
-            response = client.post("/classify", content=body, headers={"Content-Type": "application/json"})
-        else:
-            response = client.post("/classify", json=body)
-        answers[name] = (response.status_code, response.json()["detail"])
+    answers = post_each(client, "/classify", bad)
     after = client.post("/classify", json=good)
 rejected = sum(400 <= code < 500 for code, _ in answers.values())
 for name, (code, detail) in answers.items():
@@ -835,13 +842,7 @@ with serve.serving(caption_app) as url, httpx.Client(base_url=url, trust_env=Fal
         "max_new_tokens = 500": dict(good_caption, max_new_tokens=500),
         "max_new_tokens = 'long'": dict(good_caption, max_new_tokens="long"),
     }
-    caption_answers = {}
-    for name, body in bad_captions.items():
-        if isinstance(body, bytes):
-            response = client.post("/caption", content=body, headers={"Content-Type": "application/json"})
-        else:
-            response = client.post("/caption", json=body)
-        caption_answers[name] = (response.status_code, response.json()["detail"])
+    caption_answers = post_each(client, "/caption", bad_captions)
     caption_after = client.post("/caption", json=good_caption)
 for name, (code, detail) in caption_answers.items():
     print(f"{name:28s} -> {code}: {detail[:110]}")
