@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from mmcourse import utils
+
 
 def setup_notebook(*, dpi: int = 80) -> None:
     """Readable defaults; modest dpi keeps stored notebooks small."""
@@ -594,3 +596,169 @@ def draw_logits_memory(
         title=f"G = {global_batch:,} pairs on W = {world_size} processes (B = {local:,} each), "
         f"{bytes_per_element} bytes per number",
     )
+
+
+# --- chapter 05: the fusion strategies as boxes and arrows ---------------------------------
+
+_COLOURS = {"image": "#dbe6f4", "audio": "#fbe3d2", "fused": "#dcefdc", "head": "#e6e0f3"}
+
+# per strategy: boxes {name: (x, y, text, colour)} and arrows [(from, to)]
+_ENCODERS = {
+    "img": (0.9, 3.0, "image\n8x8 pixels", "image"),
+    "aud": (0.9, 1.0, "audio\nlog-mel", "audio"),
+    "enc1": (2.8, 3.0, "encoder\n$X_1$: 16 tokens", "image"),
+    "enc2": (2.8, 1.0, "encoder\n$X_2$: 26 tokens", "audio"),
+}
+_DIAGRAMS: dict[str, tuple[dict, list]] = {
+    "early": (
+        {
+            "p1": (4.8, 3.0, "pool\n$h_1$", "image"),
+            "p2": (4.8, 1.0, "pool\n$h_2$", "audio"),
+            "cat": (6.6, 2.0, "concatenate\n$z = [h_1; h_2]$", "fused"),
+            "mlp": (8.4, 2.0, "joint MLP", "head"),
+            "out": (9.9, 2.0, "$\\hat y$", "head"),
+        },
+        [
+            ("enc1", "p1"),
+            ("enc2", "p2"),
+            ("p1", "cat"),
+            ("p2", "cat"),
+            ("cat", "mlp"),
+            ("mlp", "out"),
+        ],
+    ),
+    "early_tokens": (
+        {
+            "cat": (5.0, 2.0, "one sequence\n$[X_1{+}e_1;\\ X_2{+}e_2]$", "fused"),
+            "sa": (7.0, 2.0, "self-attention\nover all 42 tokens", "fused"),
+            "mlp": (8.7, 2.0, "pool, MLP", "head"),
+            "out": (10.0, 2.0, "$\\hat y$", "head"),
+        },
+        [("enc1", "cat"), ("enc2", "cat"), ("cat", "sa"), ("sa", "mlp"), ("mlp", "out")],
+    ),
+    "late": (
+        {
+            "h1": (5.0, 3.0, "pool, head$_1$\n$\\ell_1$ (C logits)", "image"),
+            "h2": (5.0, 1.0, "pool, head$_2$\n$\\ell_2$ (C logits)", "audio"),
+            "sum": (7.4, 2.0, "$\\ell = \\sum_m w_m \\ell_m$\naverage or learned $w$", "fused"),
+            "out": (9.4, 2.0, "$\\hat y$", "head"),
+        },
+        [("enc1", "h1"), ("enc2", "h2"), ("h1", "sum"), ("h2", "sum"), ("sum", "out")],
+    ),
+    "cross_attention": (
+        {
+            "a1": (5.2, 3.0, "image attends to audio\nQ=$X_1$, K=V=$X_2$", "image"),
+            "a2": (5.2, 1.0, "audio attends to image\nQ=$X_2$, K=V=$X_1$", "audio"),
+            "mlp": (7.7, 2.0, "pool both,\nconcatenate, MLP", "head"),
+            "out": (9.5, 2.0, "$\\hat y$", "head"),
+        },
+        [
+            ("enc1", "a1"),
+            ("enc2", "a2"),
+            ("enc1", "a2"),
+            ("enc2", "a1"),
+            ("a1", "mlp"),
+            ("a2", "mlp"),
+            ("mlp", "out"),
+        ],
+    ),
+    "gated": (
+        {
+            "t1": (5.0, 3.3, "pool $h_1$, $\\tilde h_1 = \\tanh(W_1 h_1)$", "image"),
+            "t2": (5.0, 0.7, "pool $h_2$, $\\tilde h_2 = \\tanh(W_2 h_2)$", "audio"),
+            "z": (5.0, 2.0, "gates $z = $ softmax$_m(W_z [h_1; h_2])$", "fused"),
+            "mix": (7.6, 2.0, "$h = z_1 \\odot \\tilde h_1 + z_2 \\odot \\tilde h_2$", "fused"),
+            "mlp": (9.3, 2.0, "MLP", "head"),
+            "out": (10.3, 2.0, "$\\hat y$", "head"),
+        },
+        [
+            ("enc1", "t1"),
+            ("enc2", "t2"),
+            ("enc1", "z"),
+            ("enc2", "z"),
+            ("t1", "mix"),
+            ("t2", "mix"),
+            ("z", "mix"),
+            ("mix", "mlp"),
+            ("mlp", "out"),
+        ],
+    ),
+    "film": (
+        {
+            "gb": (5.0, 3.0, "pool, linear\n$\\gamma, \\beta$ from the image", "image"),
+            "film": (5.0, 1.0, "FiLM on audio tokens\n$(1+\\gamma) \\odot X_2 + \\beta$", "fused"),
+            "mlp": (7.6, 1.0, "pool, MLP", "head"),
+            "out": (9.2, 1.0, "$\\hat y$", "head"),
+        },
+        [("enc1", "gb"), ("enc2", "film"), ("gb", "film"), ("film", "mlp"), ("mlp", "out")],
+    ),
+    "tensor": (
+        {
+            "p1": (4.8, 3.0, "pool to $d$\n$[h_1; 1]$", "image"),
+            "p2": (4.8, 1.0, "pool to $d$\n$[h_2; 1]$", "audio"),
+            "op": (
+                6.8,
+                2.0,
+                "outer product\n$[h_1;1] \\otimes [h_2;1]$\n$(d{+}1)^2$ values",
+                "fused",
+            ),
+            "mlp": (8.6, 2.0, "MLP", "head"),
+            "out": (9.8, 2.0, "$\\hat y$", "head"),
+        },
+        [("enc1", "p1"), ("enc2", "p2"), ("p1", "op"), ("p2", "op"), ("op", "mlp"), ("mlp", "out")],
+    ),
+}
+
+
+def draw_fusion_diagram(strategy: str, ax=None):
+    """A boxes-and-arrows schematic of one strategy, image on top and audio below.
+
+    Args:
+        strategy: ``"early"``, ``"early_tokens"``, ``"late"``, ``"cross_attention"``,
+            ``"gated"``, ``"film"`` (the image modulating the audio) or ``"tensor"``.
+        ax: a matplotlib axes to draw into; None makes a new figure.
+
+    Returns:
+        The matplotlib figure.
+
+    Taught in notebooks/05_fusion_strategies.
+    """
+    utils.one_of("strategy", strategy, tuple(_DIAGRAMS))
+    boxes, arrows = _DIAGRAMS[strategy]
+    boxes = {**_ENCODERS, **boxes}
+    arrows = [("img", "enc1"), ("aud", "enc2"), *arrows]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(10, 2.5))
+    fig = ax.figure
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0.2, 3.8)
+    ax.axis("off")
+    patches = {}
+    for name, (x, y, text, colour) in boxes.items():
+        patches[name] = ax.text(
+            x,
+            y,
+            text,
+            ha="center",
+            va="center",
+            fontsize=8.5,
+            bbox=dict(boxstyle="round,pad=0.35", fc=_COLOURS[colour], ec="0.4", lw=0.8),
+        )
+    for a, b in arrows:
+        ax.annotate(
+            "",
+            xy=(0.5, 0.5),
+            xytext=(0.5, 0.5),
+            xycoords=patches[b],
+            textcoords=patches[a],
+            arrowprops=dict(
+                arrowstyle="->",
+                color="0.3",
+                lw=1.0,
+                shrinkA=2,
+                shrinkB=2,
+                patchA=patches[a].get_bbox_patch(),
+                patchB=patches[b].get_bbox_patch(),
+            ),
+        )
+    return fig

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcourse import fusion
+from mmcourse import fusion, plotting
 from mmcourse.attention import MultiHeadAttention
+from mmcourse.data import avdigits
 from mmcourse.fusion import (
     CrossAttentionFusion,
     EarlyFusion,
@@ -404,7 +405,7 @@ def test_config_errors():
 def test_standardize_uses_training_statistics_only():
     torch.manual_seed(0)
     train, test = torch.randn(50, 4, 3) * 3 + 1, torch.randn(20, 4, 3)
-    s_train, s_test = fusion.standardize(train, test)
+    s_train, s_test = avdigits.standardize(train, test)
     torch.testing.assert_close(s_train.mean((0, 1)), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(s_train.std((0, 1)), torch.ones(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(s_test, (test - train.mean((0, 1))) / train.std((0, 1)))
@@ -412,11 +413,11 @@ def test_standardize_uses_training_statistics_only():
 
 def test_av_digits_tokens_shapes():
     image, logmel = torch.rand(2, 1, 8, 8), torch.randn(2, 40, 101)
-    img, aud = fusion.av_digits_tokens(image, logmel)
+    img, aud = avdigits.av_digits_tokens(image, logmel)
     assert img.shape == (2, 16, 4) and aud.shape == (2, 26, 20)
     torch.testing.assert_close(aud[:, 0, 0], logmel[:, :2, :4].mean((1, 2)))
     with pytest.raises(ValueError, match=r"expected log-mel spectrograms \(B, J, T\)"):
-        fusion.av_digits_tokens(image, logmel[0])
+        avdigits.av_digits_tokens(image, logmel[0])
 
 
 def test_fit_overfits_one_batch_with_the_classification_loss_and_keeps_the_best_weights():
@@ -446,8 +447,8 @@ def test_diagrams_draw_every_strategy():
     import matplotlib.pyplot as plt
 
     for strategy in ("early", "early_tokens", "late", "cross_attention", "gated", "film", "tensor"):
-        fig = fusion.draw_fusion_diagram(strategy)
+        fig = plotting.draw_fusion_diagram(strategy)
         assert len(fig.axes[0].texts) >= 7
         plt.close(fig)
     with pytest.raises(ValueError, match="strategy must be one of"):
-        fusion.draw_fusion_diagram("nope")
+        plotting.draw_fusion_diagram("nope")

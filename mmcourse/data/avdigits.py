@@ -40,8 +40,10 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from torch import Tensor
 
 from mmcourse import utils
 from mmcourse.audio import log_mel_spectrogram
@@ -550,7 +552,56 @@ def av_digits_tensors(
     return out
 
 
+# --- tokens for the fusion models of chapter 05 ----------------------------------------
+
+
+def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tensor, ...]:
+    """Standardise each feature (last axis) with the mean and std of ``train`` only.
+
+    Args:
+        train: (..., F) training tensor: the statistics come from it.
+        *others: tensors (..., F) to transform with the same statistics (validation, test).
+
+    Returns:
+        ``(train, *others)`` standardised.
+
+    Taught in notebooks/05_fusion_strategies.
+    """
+    dims = tuple(range(train.dim() - 1))
+    mean = train.mean(dims)  # (F,)
+    std = train.std(dims).clamp_min(eps)  # (F,)
+    return tuple((x - mean) / std for x in (train, *others))
+
+
+def av_digits_tokens(
+    image: Tensor, logmel: Tensor, *, patch_size: int = 2, mel_pool: int = 2, frame_pool: int = 4
+) -> list[Tensor]:
+    """AV-Digits as raw token sequences: image patches and (pooled) log-mel frames.
+
+    Args:
+        image: (B, 1, H, W).
+        logmel: (B, J, T) log-mel spectrograms.
+        patch_size: P, the side of an image patch.
+        mel_pool: average this many adjacent mel bands into one.
+        frame_pool: average this many adjacent frames into one (the last group may be short).
+
+    Taught in notebooks/05_fusion_strategies.
+
+    Returns:
+        ``[image_tokens (B, (H/P)(W/P), P*P), audio_tokens (B, ceil(T/frame_pool), J/mel_pool)]``.
+    """
+    from mmcourse.modalities import patchify  # chapter 01's patches
+
+    utils.positive_int(mel_pool=mel_pool, frame_pool=frame_pool)
+    if logmel.dim() != 3:
+        raise ValueError(f"expected log-mel spectrograms (B, J, T), got {tuple(logmel.shape)}")
+    pooled = F.avg_pool2d(logmel[:, None], (mel_pool, frame_pool), ceil_mode=True)[:, 0]
+    return [patchify(image, patch_size), pooled.transpose(1, 2)]
+
+
 __all__ = [
+    "standardize",
+    "av_digits_tokens",
     "AVDigitsConfig",
     "SpokenDigits",
     "load_spoken_digits",

@@ -135,8 +135,8 @@ plt.show()
 # The features are computed once, here, and reused by every model.
 
 # %%
-from mmcourse import fusion
-from mmcourse.fusion import av_digits_tokens, standardize
+from mmcourse import fusion, plotting
+from mmcourse.data.avdigits import av_digits_tokens, standardize
 
 raw = {name: av_digits_tokens(s["image"], s["audio"]) for name, s in splits.items()}
 image_tokens = standardize(raw["train"][0], raw["validation"][0], raw["test"][0])
@@ -180,7 +180,7 @@ print(f"B={B}, D={D}, C={C}; X1 {tuple(X1.shape)}, X2 {tuple(X2.shape)}")
 # $$z = [h_1; h_2] \in \mathbb{R}^{2D}, \qquad \text{logits} = \mathrm{MLP}(z).$$
 
 # %%
-fusion.draw_fusion_diagram("early")
+plotting.draw_fusion_diagram("early")
 plt.show()
 
 # %%
@@ -202,7 +202,7 @@ print("z", tuple(z.shape), "-> logits", tuple(logits.shape), "- equal to fusion.
 #   X' = X + \mathrm{SelfAttention}(\mathrm{LN}(X)), \qquad \text{logits} = \mathrm{MLP}(\mathrm{pool}(X')).$$
 
 # %%
-fusion.draw_fusion_diagram("early_tokens")
+plotting.draw_fusion_diagram("early_tokens")
 plt.show()
 
 # %%
@@ -229,7 +229,7 @@ print("one sequence", tuple(X.shape), "- equal to fusion.EarlyFusion(level='toke
 # features of different sizes.)
 
 # %%
-fusion.draw_fusion_diagram("late")
+plotting.draw_fusion_diagram("late")
 plt.show()
 
 # %%
@@ -258,7 +258,7 @@ print("late fusion = mean of the per-modality logits; the additive model predict
 # the concatenated tokens of all the others.
 
 # %%
-fusion.draw_fusion_diagram("cross_attention")
+plotting.draw_fusion_diagram("cross_attention")
 plt.show()
 
 # %% [markdown]
@@ -303,7 +303,7 @@ print("attention weights: image <- audio", tuple(maps[0].shape), ", audio <- ima
 # With two modalities the softmax is a sigmoid: $z_1 = \sigma(g_1 - g_2)$, $z_2 = 1 - z_1$.
 
 # %%
-fusion.draw_fusion_diagram("gated")
+plotting.draw_fusion_diagram("gated")
 plt.show()
 
 # %%
@@ -335,7 +335,7 @@ print("gates", tuple(gated.gates([X1, X2]).shape), "(B, M, D) sum to one over M 
 # (We modulate the audio with the image; `film_target=0` does the reverse.)
 
 # %%
-fusion.draw_fusion_diagram("film")
+plotting.draw_fusion_diagram("film")
 plt.show()
 
 # %%
@@ -362,7 +362,7 @@ print("gamma, beta", tuple(gamma.shape), "- equal to fusion.FiLMFusion")
 # for many.
 
 # %%
-fusion.draw_fusion_diagram("tensor")
+plotting.draw_fusion_diagram("tensor")
 plt.show()
 
 # %%
