@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mmcourse.contrastive import LogitScale
 from mmcourse.encoders import TextEncoder, TextEncoderConfig, ViTConfig, ViTEncoder
+from mmcourse.modalities import LogitScale
 from mmcourse.pretrained import mean_pooling
 from mmcourse.utils import non_negative_int, one_of, positive_float, positive_int
 

@@ -24,8 +24,9 @@ The module reads top to bottom like chapter 06:
 Axis letters: B batch (per process), G global batch (all processes), W world size, D
 embedding width, C classes, T prompt templates, N_i images, N_t texts.
 
-Taught in notebooks/06_contrastive_learning_and_clip (planned); notebook 01 uses
-``clip_loss`` and ``LogitScale`` for a first shared space.
+Taught in notebooks/06_contrastive_learning_and_clip; notebook 01 uses ``clip_loss`` for a
+first shared space. ``LogitScale``, the learnable temperature a model owns, is chapter 01's
+(``mmcourse.modalities``) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mmcourse.modalities import LogitScale  # re-exported: chapter 06 imports it from here
 
 
 def _check_embeddings(**named: Tensor) -> None:
@@ -158,25 +161,6 @@ def clip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | f
     logits = logit_scale * image_embeds @ text_embeds.T  # (B, B): image i vs text j
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-
-
-class LogitScale(nn.Module):
-    """A learnable inverse temperature, stored as a log, clamped where used (CLIP, open_clip).
-
-    Args:
-        init: the initial temperature's inverse as a multiplier (CLIP: 1 / 0.07).
-        max_scale: the clamp (CLIP: 100).
-    """
-
-    def __init__(self, *, init: float = 1 / 0.07, max_scale: float = 100.0) -> None:
-        super().__init__()
-        if not 0 < init <= max_scale:
-            raise ValueError(f"init must be in (0, max_scale={max_scale}], got {init}")
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
-        self.max_scale = max_scale
-
-    def forward(self) -> Tensor:
-        return self.log_scale.exp().clamp(max=self.max_scale)
 
 
 class ClipLoss(nn.Module):

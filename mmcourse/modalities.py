@@ -7,13 +7,12 @@ Taught in notebooks/01_modalities_as_tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-
-from mmcourse.contrastive import LogitScale
 
 
 def _check_images(images: Tensor, patch_size: int) -> None:
@@ -60,6 +59,27 @@ def unpatchify(patches: Tensor, *, patch_size: int, height: int, width: int) -> 
     return rearrange(
         patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=height // P, w=width // P, p1=P, p2=P
     )
+
+
+class LogitScale(nn.Module):
+    """A learnable inverse temperature, stored as a log, clamped where used (CLIP, open_clip).
+
+    Args:
+        init: the initial temperature's inverse as a multiplier (CLIP: 1 / 0.07).
+        max_scale: the clamp (CLIP: 100).
+
+    Taught in notebooks/01_modalities_as_tensors (first used) and 06_contrastive_learning_and_clip.
+    """
+
+    def __init__(self, *, init: float = 1 / 0.07, max_scale: float = 100.0) -> None:
+        super().__init__()
+        if not 0 < init <= max_scale:
+            raise ValueError(f"init must be in (0, max_scale={max_scale}], got {init}")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+        self.max_scale = max_scale
+
+    def forward(self) -> Tensor:
+        return self.log_scale.exp().clamp(max=self.max_scale)
 
 
 @dataclass
