@@ -463,16 +463,32 @@ def vlm_loss(model: VisionLanguageModel, batch: dict[str, Tensor]) -> Tensor:
     """Next-token cross-entropy on the labelled (assistant) positions only (a loss for ``fit``).
 
     The LM head runs only where a label is: the (V, D) product costs as much as a few layers
-    per position, and most positions (prompt, image, padding) have no label.
+    per position, and most positions (prompt, image, padding) have no label. When the batch
+    carries ``prefix_ids`` (the tokens every row starts with, cut off by
+    :func:`make_batches`), the prefix runs once, for one row, and its keys and values are
+    shared by all rows (broadcast, not copied): the same loss and gradients as the uncut
+    batch, for fewer positions.
 
     Args:
         batch: ``input_ids`` (B, T), ``attention_mask`` (B, T), ``labels`` (B, T) with
-            ``IGNORE_INDEX`` off the answers, ``image_features`` (B, N_img, D_v) (optional).
+            ``IGNORE_INDEX`` off the answers, ``image_features`` (B, N_img, D_v) (optional),
+            ``prefix_ids`` (1, P) (optional; then the three (B, T) tensors follow it).
     """
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    cache = None
+    prefix = batch.get("prefix_ids")
+    if prefix is not None:
+        if prefix.dim() != 2 or prefix.shape[0] != 1:
+            raise ValueError(f"expected prefix_ids of shape (1, P), got {tuple(prefix.shape)}")
+        b = input_ids.shape[0]
+        _, cache = model.lm.hidden_states(prefix)  # keys/values (1, H_kv, P, Dh) per layer
+        cache = tuple((k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in cache)
+        mask = torch.cat([mask.new_ones(b, prefix.shape[1]), mask], dim=1)  # (B, P + T)
     hidden, _ = model.hidden_states(
-        batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        input_ids,
+        attention_mask=mask,
         image_features=batch.get("image_features"),
+        cache=cache,
     )
     target = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t + 1
     keep = target != IGNORE_INDEX
@@ -480,6 +496,86 @@ def vlm_loss(model: VisionLanguageModel, batch: dict[str, Tensor]) -> Tensor:
         raise ValueError("no position carries a label: check the label mask")
     logits = model.lm.lm_head(hidden[:, :-1][keep])  # (K, V)
     return F.cross_entropy(logits.float(), target[keep])
+
+
+def make_batches(
+    encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
+    image_features: Tensor | None,
+    *,
+    batch_size: int,
+    pad_id: int,
+    image_token_id: int,
+    seed: int,
+    group_by_length: bool = True,
+    share_prefix: bool = True,
+) -> list[dict[str, Tensor]]:
+    """Training batches for :func:`vlm_loss` from ``(input_ids, labels)`` pairs.
+
+    Two savings, both exact: (1) **length grouping**: the sequences are shuffled, cut into
+    windows of 8 batches, sorted by length inside each window and batched, and the batches
+    shuffled, so a batch pads to a length close to its rows' (as ``transformers``'
+    ``group_by_length``); (2) a **shared prefix**: the unlabelled tokens that begin every
+    sequence (the system message and the user's header, up to the image) are cut off
+    into ``prefix_ids`` (1, P), which :func:`vlm_loss` runs once per batch.
+
+    Args:
+        encoded: one ``(input_ids, labels)`` per conversation (:func:`encode_chat`).
+        image_features: (N, N_img, D_v), one row per conversation, or None.
+        batch_size: conversations per batch (the last batch may be smaller).
+        pad_id: the id used for right padding (it carries no label and is masked).
+        image_token_id: the image placeholder id; the shared prefix stops before it.
+        seed: the shuffling seed.
+        group_by_length: sort by length within windows (False: plain shuffled batches).
+        share_prefix: cut the common unlabelled prefix off.
+
+    Returns:
+        A list of batches: ``input_ids``, ``attention_mask``, ``labels`` (B, T),
+        ``image_features`` (B, N_img, D_v) when given, ``prefix_ids`` (1, P) when cut.
+
+    Taught in notebooks/11_multimodal_llm.
+    """
+    positive_int(batch_size=batch_size)
+    if not encoded:
+        raise ValueError("expected at least one (input_ids, labels) pair, got none")
+    if image_features is not None and len(image_features) != len(encoded):
+        raise ValueError(
+            f"expected one image per conversation: {len(encoded)} conversations, "
+            f"{len(image_features)} images"
+        )
+    p = 0
+    if share_prefix:
+        first = encoded[0][0]
+        p = min(len(ids) for ids, _ in encoded) - 1  # keep at least one token per row
+        for ids, labels in encoded:
+            differs = (
+                i
+                for i in range(p)
+                if ids[i] != first[i] or ids[i] == image_token_id or labels[i] != IGNORE_INDEX
+            )
+            p = next(differs, p)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(encoded), generator=g).tolist()
+    if group_by_length:
+        window = 8 * batch_size
+        order = [
+            i
+            for w in range(0, len(order), window)
+            for i in sorted(order[w : w + window], key=lambda j: len(encoded[j][0]))
+        ]
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        groups = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()]
+    batches = []
+    for idx in groups:
+        ids, mask = pad_batch([encoded[i][0][p:] for i in idx], pad_value=pad_id)
+        labels, _ = pad_batch([encoded[i][1][p:] for i in idx], pad_value=IGNORE_INDEX)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if image_features is not None:
+            batch["image_features"] = image_features[idx]
+        if p:
+            batch["prefix_ids"] = torch.tensor([list(encoded[0][0][:p])])
+        batches.append(batch)
+    return batches
 
 
 # --- 5. data: captions, template-generated dialogues, POPE --------------------------------
@@ -747,6 +843,69 @@ def generate_replies(
     return replies
 
 
+# --- 7. the chapter's explorer -----------------------------------------------------------
+
+
+def draw_scene_answers(
+    fig,
+    *,
+    image: np.ndarray,
+    caption: str,
+    nearest: dict[str, Sequence[str]],
+    qa: Sequence[tuple[str, str, str, str]],
+    title: str = "",
+) -> None:
+    """One test scene as the tuned model sees it, for the chapter's explorer.
+
+    Left the image; right the scene's caption, the LM's nearest vocabulary tokens of each
+    projected region token, and the questions with the model's replies with the image and
+    without it, marked right or wrong against the truth.
+
+    Args:
+        fig: a cleared matplotlib figure (``mmcourse.widgets.explore`` passes it).
+        image: (S, S, 3) uint8.
+        caption: the scene's canonical caption.
+        nearest: region -> nearest tokens (decoded strings), in region order.
+        qa: ``(question, reply with the image, reply without it, truth)`` per question.
+        title: the figure's title.
+
+    Taught in notebooks/11_multimodal_llm.
+    """
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an image of shape (S, S, 3), got {tuple(image.shape)}")
+    ax_img, ax_txt = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3.2]})
+    ax_img.imshow(image)
+    ax_img.set_axis_off()
+    ax_img.set_title("the image", fontsize=9)
+    ax_txt.set_axis_off()
+    lines = [(f"caption: {caption}", "black"), ("nearest LM tokens of the image tokens:", "black")]
+    lines += [
+        (f"   {r:>6}: " + ", ".join(repr(t) for t in toks), "dimgray")
+        for r, toks in nearest.items()
+    ]
+    lines.append(("question  ->  with the image | without it   (truth)", "black"))
+    for question, with_image, without, truth in qa:
+        mark = "right" if exact_match(with_image, truth) else "wrong"
+        colour = "tab:green" if mark == "right" else "tab:red"
+        lines.append(
+            (f"   {question}  ->  {with_image!r} | {without!r}   ({truth}; {mark})", colour)
+        )
+    step = 1 / (len(lines) + 1)
+    for i, (text, colour) in enumerate(lines):
+        ax_txt.text(
+            0,
+            1 - (i + 0.5) * step,
+            text,
+            fontsize=8.5,
+            family="monospace",
+            color=colour,
+            va="center",
+            transform=ax_txt.transAxes,
+        )
+    if title:
+        fig.suptitle(title, fontsize=10)
+
+
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_PLACEHOLDER",
@@ -767,6 +926,7 @@ __all__ = [
     "pad_batch",
     "VisionLanguageModel",
     "vlm_loss",
+    "make_batches",
     "vqa_question",
     "describe",
     "make_dialogue",
@@ -776,4 +936,5 @@ __all__ = [
     "normalize_answer",
     "exact_match",
     "generate_replies",
+    "draw_scene_answers",
 ]

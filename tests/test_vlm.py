@@ -14,6 +14,7 @@ from mmcourse.vlm import (
     encode_chat,
     exact_match,
     generate_replies,
+    make_batches,
     make_dialogue,
     normalize_answer,
     pad_batch,
@@ -239,3 +240,118 @@ def test_vlm_loss_refuses_a_batch_without_labels(tok):
     }
     with pytest.raises(ValueError, match="no position carries a label"):
         vlm_loss(model, batch)
+
+
+def test_shared_prefix_and_length_grouping_give_the_same_loss_and_gradients(tok, scenes):
+    """make_batches cuts the common prefix and groups by length: same loss, same gradients."""
+    model = tiny_vlm(tok)
+    freeze(model.tower)
+    apply_lora(model.lm, target_modules=LORA_TARGETS, r=4, alpha=8)
+    for p in model.lm.parameters():  # LoRA's B starts at 0: move it so that its gradient shows
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    rng = np.random.default_rng(0)
+    kinds = ["conversation", "description", "reasoning", "conversation"] * 2
+    encoded = [
+        _encode(tok, make_dialogue(o, k, rng), model)
+        for o, k in zip(scenes["objects"], kinds, strict=True)
+    ]
+    feats = torch.randn(len(encoded), 5, 16)
+    plain = make_batches(
+        encoded,
+        feats,
+        batch_size=8,
+        pad_id=0,
+        image_token_id=model.image_token_id,
+        seed=0,
+        group_by_length=False,
+        share_prefix=False,
+    )
+    (cut,) = make_batches(
+        encoded,
+        feats,
+        batch_size=8,
+        pad_id=0,
+        image_token_id=model.image_token_id,
+        seed=0,
+        group_by_length=False,
+    )
+    assert len(plain) == 1 and "prefix_ids" not in plain[0]
+    prefix = cut["prefix_ids"][0].tolist()
+    assert prefix == encoded[0][0][: len(prefix)] and len(prefix) >= 4
+    assert model.image_token_id not in prefix  # the image is spliced after the prefix
+    assert bool((cut["input_ids"] == model.image_token_id).sum(1).eq(5).all())
+    assert int((cut["labels"] != IGNORE_INDEX).sum()) == int(
+        (plain[0]["labels"] != IGNORE_INDEX).sum()
+    )
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = vlm_loss(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    loss_a, grads_a = loss_and_grads(plain[0])
+    loss_b, grads_b = loss_and_grads(cut)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4)
+
+    grouped = make_batches(
+        encoded, feats, batch_size=2, pad_id=0, image_token_id=model.image_token_id, seed=1
+    )
+    assert sorted(len(b["input_ids"]) for b in grouped) == [2, 2, 2, 2]
+    padding = sum(int((1 - b["attention_mask"]).sum()) for b in grouped)
+    shuffled = make_batches(
+        encoded,
+        feats,
+        batch_size=2,
+        pad_id=0,
+        image_token_id=model.image_token_id,
+        seed=1,
+        group_by_length=False,
+    )
+    assert padding <= sum(int((1 - b["attention_mask"]).sum()) for b in shuffled)
+    with pytest.raises(ValueError, match="one image per conversation"):
+        make_batches(encoded, feats[:3], batch_size=2, pad_id=0, image_token_id=1, seed=0)
+
+
+def test_scene_explorer_draws_the_answers_it_is_given():
+    """The chapter's explorer: image, nearest tokens and answers, right/wrong against the truth."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from mmcourse.vlm import draw_scene_answers
+
+    before = plt.get_fignums()
+    scenes = generate_shapes(3, split="test")
+    fig = Figure(figsize=(8, 3))
+    for scene in (0, 2):
+        fig.clear()
+        qa = [
+            ("What colour is the circle?", "red", "blue", "red"),
+            ("How many?", "2", "one", "two"),
+        ]
+        nearest = {"left": [" red", " Red"], "center": ["ausea", " pop"]}
+        draw_scene_answers(
+            fig,
+            image=scenes["images"][scene],
+            caption=scenes["canonical_caption"][scene],
+            nearest=nearest,
+            qa=qa,
+            title=f"test scene {scene}",
+        )
+        texts = [t.get_text() for t in fig.axes[1].texts]
+        assert len(fig.axes) == 2 and fig._suptitle.get_text() == f"test scene {scene}"
+        assert scenes["canonical_caption"][scene] in texts[0]
+        marks = [t for t in texts if "->" in t and "(truth)" not in t]
+        assert len(marks) == 2 and all("; right)" in t for t in marks)  # "2" matches "two"
+        assert any("' red', ' Red'" in t for t in texts)
+    fig.clear()
+    draw_scene_answers(
+        fig, image=scenes["images"][0], caption="c", nearest={}, qa=[("Q?", "blue", "", "red")]
+    )
+    assert any("; wrong)" in t.get_text() for t in fig.axes[1].texts)
+    with pytest.raises(ValueError, match="expected an image of shape"):
+        draw_scene_answers(fig, image=np.zeros((3, 8, 8)), caption="", nearest={}, qa=[])
+    assert plt.get_fignums() == before
