@@ -483,7 +483,8 @@ def choose_source(chapter: Chapter) -> str:
 
     Equal cells: ``"ipynb"``. Otherwise the file that changed since the two were last in
     sync: known from the hash :func:`refresh_chapter` records in the notebook's metadata,
-    or, before any such refresh, from the versions last committed to git.
+    and from the versions last committed to git (which also covers a pair synced since by
+    ``jupytext --sync`` or a merge, which record nothing).
 
     Raises:
         ChapterError: both changed (or nothing tells which did), naming the first
@@ -498,7 +499,9 @@ def choose_source(chapter: Chapter) -> str:
     if ipynb_digest == py_digest:
         return "ipynb"
     recorded = ipynb_nb.metadata.get(SYNC_KEY, {}).get("synced_cells_sha256")
-    synced = {recorded} if recorded else _committed_digests([chapter.path, paired])
+    # the last refresh's record, and the committed versions: a pair kept in sync by other
+    # means since (``jupytext --sync``, a merge) is committed in sync without a new record
+    synced = ({recorded} if recorded else set()) | _committed_digests([chapter.path, paired])
     if py_digest in synced:
         return "ipynb"  # only the notebook was edited
     if ipynb_digest in synced:

@@ -259,6 +259,24 @@ def test_refresh_before_any_recorded_sync_compares_with_git(tiny):
         ch.choose_source(chapter)
 
 
+def test_refresh_trusts_a_committed_pair_over_a_stale_sync_record(tiny):
+    # a refresh records its sync; the pair is then edited in sync by other means
+    # (jupytext --sync, a merge) and committed; a later .py edit must still be recognised
+    folder, py = tiny.parent, ch.twin_path(tiny)
+    chapter = ch.find_chapter("01")
+    assert ch.refresh_chapter(chapter) == "ipynb"  # records the sync hash
+    _edit(py, "value = 1  #", "value = 4  #")
+    nb = json.loads(tiny.read_text())
+    nb["cells"][1]["source"] = "".join(nb["cells"][1]["source"]).replace("value = 1", "value = 4")
+    tiny.write_text(json.dumps(nb))  # both files changed together: the record is now stale
+    git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "pair synced by hand"], check=True)
+    _edit(py, "value = 4  #", "value = 5  #")
+    assert ch.choose_source(chapter) == "py"
+
+
 # --- 5-7: the training loop ----------------------------------------------------------------
 
 
