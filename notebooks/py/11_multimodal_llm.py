@@ -347,15 +347,16 @@ assert all(labels[i] == vlm.IGNORE_INDEX for i, t in enumerate(ids) if t == imag
 
 # %%
 def batches_of(chats, feats, size, *, seed_):
-    """Right-padded training batches of (input_ids, attention_mask, labels, image_features)."""
+    """Right-padded training batches of (input_ids, attention_mask, labels, image_features), shuffled.
+
+    Every conversation begins with the same unlabelled tokens (the empty system message and
+    the user's header, up to the image); `make_batches` cuts them off into `prefix_ids`,
+    which `vlm_loss` runs once per batch, for one row, sharing its keys and values with
+    every row: the same loss and gradients (tested) for fewer positions.
+    """
     encoded = [vlm.encode_chat(tokenizer, c, num_image_tokens=n_img, image_token_id=image_id) for c in chats]
-    order = torch.randperm(len(chats), generator=torch.Generator().manual_seed(seed_))
-    out = []
-    for idx in order.split(size):
-        ids_, mask = vlm.pad_batch([encoded[i][0] for i in idx], pad_value=END)
-        labels_, _ = vlm.pad_batch([encoded[i][1] for i in idx], pad_value=vlm.IGNORE_INDEX)
-        out.append({"input_ids": ids_, "attention_mask": mask, "labels": labels_, "image_features": feats[idx]})
-    return out
+    return vlm.make_batches(encoded, feats, batch_size=size, pad_id=END, image_token_id=image_id, seed=seed_,
+                            group_by_length=False, share_prefix=True)
 
 
 caption_chats = [[{"role": "system", "content": ""},
@@ -496,7 +497,7 @@ print(f"stage 2: {stage2_steps} steps in {time.perf_counter() - start:.0f} s, lo
 
 # %%
 tuned, tuned_replies = vqa_scores(test_feats)
-blind_tuned, _ = vqa_scores(None)
+blind_tuned, blind_tuned_replies = vqa_scores(None)
 shuffle = torch.roll(torch.arange(num_test), 1)  # every scene gets its neighbour's image
 shuffled, _ = vqa_scores(test_feats[shuffle])
 table = pd.DataFrame({"LM alone, no image": blind_lm, "after stage 1": after_stage1,
@@ -525,7 +526,9 @@ for kind in ("colour", "shape"):  # the questions only the image can answer
 # ("exists") do not improve at these sizes (compare the two rows). A shuffled image pulls
 # the accuracy back towards the blind level: the answers follow the image they are given.
 # One seed only: every run retrains through the 135 M model; the standard error above is
-# over questions, not over training runs.
+# over questions, not over training runs, so it cannot say how much of the margin is this
+# seed's luck. Treat the margins as one example, not an estimate; the parameter cell's GPU
+# sizes are where to measure them over seeds.
 
 # %%
 pope_after = pope_eval()
@@ -623,6 +626,34 @@ for r, row in zip(POSITIONS, sims, strict=True):
     print(f"  {r:>6}: " + ", ".join(repr(tokenizer.decode([int(t)])) for t in row.topk(4).indices))
 
 
+# %% [markdown]
+# ### Explore: one test scene at a time
+#
+# Pick a test scene: its image, the nearest LM tokens of its five image tokens, and the
+# tuned model's answer to the scene's test question with the image and without it. All of
+# it was computed above (the evaluation's replies), so moving the slider costs nothing.
+
+# %%
+import ipywidgets as widgets
+
+from mmcourse.widgets import explore
+
+with torch.no_grad():
+    h_all = F.normalize(model.projector(test_feats.to(device)), dim=-1)  # (N, 5, D)
+    top3 = (h_all @ F.normalize(model.lm.embed_tokens.weight, dim=-1).T).topk(3).indices.cpu()  # (N, 5, 3)
+scene_nearest = [{r: [tokenizer.decode([int(t)]) for t in row] for r, row in zip(POSITIONS, top3[i], strict=True)}
+                 for i in range(num_test)]
+
+
+def draw_scene(fig, scene):
+    qa = [(questions[scene], tuned_replies[scene], blind_tuned_replies[scene], answers[scene])]
+    vlm.draw_scene_answers(fig, image=test["images"][scene], caption=test["canonical_caption"][scene],
+                           nearest=scene_nearest[scene], qa=qa, title=f"test scene {scene} ({kinds[scene]} question)")
+
+
+explore(draw_scene, figsize=(11, 3.0), scene=widgets.IntSlider(value=3, min=0, max=num_test - 1, description="scene"));
+
+
 # %%
 def ask(scene_index, question_):
     chat_ = [{"role": "system", "content": ""}, {"role": "user", "content": f"{vlm.IMAGE_PLACEHOLDER}\n{question_}"}]
@@ -638,13 +669,9 @@ plt.show()
 for q in ["Describe the image in detail.", "What colour is the " + test["objects"][scene][0]["shape"] + "? " + vlm.ANSWER_IN_ONE_WORD,
           "How many objects are there? " + vlm.ANSWER_IN_ONE_WORD]:
     print(f"user: {q}\nassistant: {ask(scene, q)}")
-try:
-    import ipywidgets as widgets
-except ImportError:  # no widgets: the scripted conversation above is all
-    widgets = None
 from mmcourse.widgets import frontend_attached  # headless runs store only the conversation
 
-if widgets is not None and frontend_attached():
+if frontend_attached():
     pick = widgets.IntSlider(value=scene, min=0, max=num_test - 1, description="scene")
     box = widgets.Text(value="Describe the image in detail.", description="you:")
     out = widgets.Output()
