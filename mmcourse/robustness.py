@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcourse import utils
+from mmcourse.train import ShuffledBatches  # the course's one epoch sampler
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -653,14 +654,15 @@ def make_batches(
     n = labels.shape[0]
     if batch_size > n:
         raise ValueError(f"batch_size ({batch_size}) exceeds the {n} examples")
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=g)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = order[i : i + batch_size]
-            out.append(({k: v[idx] for k, v in inputs.items()}, labels[idx]))
-    return out
+    names = list(inputs)
+    sampler = ShuffledBatches(
+        *(inputs[k] for k in names),
+        labels,
+        batch_size=batch_size,
+        num_batches=epochs * (n // batch_size),
+        seed=seed,
+    )
+    return [(dict(zip(names, batch[:-1], strict=True)), batch[-1]) for batch in sampler]
 
 
 # --- corruptions (MultiBench style) ---------------------------------------------------------
