@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from mmcourse import utils
 from mmcourse.attention import MultiHeadAttention
 from mmcourse.encoders import count_parameters  # the course's one parameter count, re-exported
+from mmcourse.train import accuracy, predict  # the course's one evaluation helper, re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -744,26 +745,6 @@ def classification_loss(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
     """
     *inputs, labels = batch
     return F.cross_entropy(model(list(inputs)), labels)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, inputs: Sequence[Tensor], *, present: Tensor | None = None) -> Tensor:
-    """(N, C) logits of ``model`` in eval mode; ``present`` is passed on when given."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    batch = [x.to(device) for x in inputs]
-    logits = model(batch) if present is None else model(batch, present=present)
-    model.train(was_training)
-    return logits.cpu()
-
-
-def accuracy(
-    model: nn.Module, inputs: Sequence[Tensor], labels: Tensor, *, present: Tensor | None = None
-) -> float:
-    """Top-1 accuracy of ``model`` on ``inputs`` (eval mode, no gradients)."""
-    logits = predict(model, inputs, present=present)
-    return (logits.argmax(-1) == labels.cpu()).float().mean().item()
 
 
 __all__ = [

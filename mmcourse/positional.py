@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from mmcourse.train import accuracy  # the course's one accuracy, re-exported for notebook 03
 from mmcourse.utils import non_negative_int, one_of, positive_float, positive_int
 
 POSITIONS = ("none", "sinusoidal", "learned", "rope")
@@ -581,20 +582,6 @@ def which_comes_first(
     tokens[rows, slots[:, 1]] = 1  # B
     labels = (slots[:, 0] < slots[:, 1]).long()  # (B,) 1 if A comes first
     return tokens, labels
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, tokens: Tensor, labels: Tensor, *, batch_size: int = 512) -> float:
-    """Fraction of sequences whose argmax class equals the label (model in eval mode)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        logits = model(tokens[start : start + batch_size].to(device))
-        correct += (logits.argmax(-1).cpu() == labels[start : start + batch_size]).sum().item()
-    model.train(was_training)
-    return correct / max(len(labels), 1)
 
 
 __all__ = [

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmcourse import utils
+from mmcourse import train, utils
 from mmcourse.train import ShuffledBatches  # the course's one epoch sampler
 
 if TYPE_CHECKING:
@@ -462,7 +462,6 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def accuracy(
     model: RawInputModel,
     inputs: Mapping[str, Tensor],
@@ -489,15 +488,9 @@ def accuracy(
     Taught in notebooks/12_robustness_and_adversarial_learning.
     """
     model.check_inputs(inputs)
-    was_training = model.training
-    model.train(train_mode)
-    device = _device(model)
-    correct = 0
-    for x, y in _batches(inputs, labels, batch_size):
-        x = {k: v.to(device) for k, v in x.items()}
-        correct += (model(x, present=present).argmax(-1).cpu() == y.cpu()).sum().item()
-    model.train(was_training)
-    return correct / labels.shape[0]
+    return train.accuracy(
+        model, dict(inputs), labels, present=present, batch_size=batch_size, train_mode=train_mode
+    )
 
 
 def attack_accuracy(

@@ -576,6 +576,111 @@ def fit(
     return result
 
 
+def _rows(inputs: Any) -> int:
+    """Number of examples in ``inputs`` (a tensor, a list/tuple or a dict of tensors)."""
+    parts = list(inputs.values()) if isinstance(inputs, dict) else inputs
+    if isinstance(parts, Tensor):
+        parts = [parts]
+    if (
+        not isinstance(parts, (list, tuple))
+        or not parts
+        or not all(isinstance(x, Tensor) for x in parts)
+    ):
+        raise ValueError(
+            "expected inputs as a tensor (N, ...), a non-empty list of tensors or a dict "
+            f"{{name: tensor}}, got {type(inputs).__name__}"
+        )
+    sizes = {tuple(x.shape[:1]) for x in parts}
+    if len(sizes) != 1 or parts[0].dim() == 0:
+        raise ValueError(
+            f"every input needs the same first (example) axis, got shapes {[tuple(x.shape) for x in parts]}"
+        )
+    return parts[0].shape[0]
+
+
+def _slice(inputs: Any, start: int, stop: int) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[start:stop]
+    if isinstance(inputs, dict):
+        return {k: v[start:stop] for k, v in inputs.items()}
+    return [x[start:stop] for x in inputs]
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    inputs: Tensor | list[Tensor] | tuple[Tensor, ...] | dict[str, Tensor],
+    *,
+    batch_size: int = 512,
+    train_mode: bool = False,
+    **kwargs: Any,
+) -> Tensor:
+    """The course's one batched, no-grad evaluation: ``model``'s outputs on every example.
+
+    The model runs in eval mode (``train_mode=True`` only to show the pitfall of evaluating
+    with dropout and BatchNorm's batch statistics), one slice of ``batch_size`` examples at a
+    time on the model's device; its mode is restored afterwards.
+
+    Args:
+        model: called as ``model(batch, **kwargs)``.
+        inputs: a tensor (N, ...); a list/tuple of tensors (N, ...), passed to the model as a
+            list; or a dict ``{name: (N, ...)}``, passed as a dict.
+        batch_size: examples per forward pass.
+        train_mode: evaluate in training mode instead of eval mode.
+        **kwargs: passed to the model; those that are ``None`` are left out.
+
+    Returns:
+        The (N, ...) outputs, concatenated on the CPU.
+
+    Taught in notebooks/05_fusion_strategies.
+    """
+    utils.positive_int(batch_size=batch_size)
+    n = _rows(inputs)
+    if isinstance(inputs, tuple):
+        inputs = list(inputs)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    was_training = model.training
+    model.train(train_mode)
+    device = next(model.parameters()).device
+    try:
+        outputs = [
+            model(to_device(_slice(inputs, i, i + batch_size), device), **kwargs).cpu()
+            for i in range(0, n, batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs)
+
+
+def accuracy(
+    model: nn.Module,
+    inputs: Tensor | list[Tensor] | tuple[Tensor, ...] | dict[str, Tensor],
+    labels: Tensor,
+    *,
+    batch_size: int = 512,
+    train_mode: bool = False,
+    **kwargs: Any,
+) -> float:
+    """Top-1 accuracy of ``model`` on ``inputs``: the course's one ``accuracy``.
+
+    Args:
+        model, inputs, batch_size, train_mode, kwargs: as in :func:`predict`.
+        labels: (N,) class indices.
+
+    Returns:
+        The fraction of examples whose argmax class equals the label, in [0, 1].
+
+    Taught in notebooks/05_fusion_strategies.
+    """
+    n = _rows(inputs)
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(
+            f"expected labels of shape ({n},), one per example, got {tuple(labels.shape)}"
+        )
+    logits = predict(model, inputs, batch_size=batch_size, train_mode=train_mode, **kwargs)
+    return (logits.argmax(-1) == labels.cpu()).float().mean().item()
+
+
 __all__ = [
     "TrainConfig",
     "FitResult",
@@ -585,4 +690,6 @@ __all__ = [
     "to_device",
     "ShuffledBatches",
     "fit",
+    "predict",
+    "accuracy",
 ]

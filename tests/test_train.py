@@ -16,10 +16,12 @@ from mmcourse.train import (
     FitResult,
     ShuffledBatches,
     TrainConfig,
+    accuracy,
     adamw_step,
     fit,
     lr_at,
     make_scheduler,
+    predict,
     to_device,
 )
 
@@ -446,3 +448,62 @@ def test_fit_trains_from_shuffled_batches():
         config=TrainConfig(max_steps=40, lr=0.1, progress=False, device="cpu"),
     )
     assert result.steps == 40 and result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+class _PerRowModel(nn.Module):
+    """Adds its inputs (tensor, list or dict) and applies dropout + a linear map."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x, scale=None):
+        if isinstance(x, dict):
+            x = sum(x.values())
+        elif isinstance(x, list):
+            x = sum(x)
+        out = self.linear(self.dropout(x))
+        return out if scale is None else out * scale
+
+
+@pytest.mark.parametrize("kind", ["tensor", "list", "tuple", "dict"])
+def test_predict_and_accuracy_equal_a_loop_over_examples(kind):
+    torch.manual_seed(0)
+    model = _PerRowModel().train()
+    a, b = torch.randn(37, 4), torch.randn(37, 4)
+    labels = torch.randint(0, 3, (37,))
+    inputs = {"tensor": a + b, "list": [a, b], "tuple": (a, b), "dict": {"a": a, "b": b}}[kind]
+    with torch.no_grad():
+        model.eval()
+        loop = torch.stack([model.linear(a[i] + b[i]) for i in range(37)])
+        model.train()
+    out = predict(model, inputs, batch_size=8)
+    assert model.training  # its mode is restored
+    torch.testing.assert_close(out, loop, atol=1e-6, rtol=1e-6)
+    assert not out.requires_grad
+    expected = (loop.argmax(-1) == labels).float().mean().item()
+    assert accuracy(model, inputs, labels, batch_size=5) == pytest.approx(expected)
+    # keyword arguments reach the model; None ones are left out
+    torch.testing.assert_close(predict(model, inputs, scale=2.0), 2 * loop, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(predict(model, inputs, scale=None), loop, atol=1e-6, rtol=1e-6)
+
+
+def test_predict_train_mode_keeps_dropout_active():
+    torch.manual_seed(0)
+    model = _PerRowModel().eval()
+    x = torch.randn(64, 4)
+    assert not torch.equal(predict(model, x, train_mode=True), predict(model, x))
+    assert not model.training
+
+
+def test_predict_and_accuracy_bad_inputs():
+    model = _PerRowModel()
+    with pytest.raises(ValueError, match="same first"):
+        predict(model, [torch.randn(3, 4), torch.randn(4, 4)])
+    with pytest.raises(ValueError, match="expected inputs"):
+        predict(model, [])
+    with pytest.raises(ValueError, match="batch_size"):
+        predict(model, torch.randn(3, 4), batch_size=0)
+    with pytest.raises(ValueError, match=r"labels of shape \(3,\)"):
+        accuracy(model, torch.randn(3, 4), torch.zeros(4, dtype=torch.long))
