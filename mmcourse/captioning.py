@@ -34,7 +34,7 @@ Taught in notebooks/10_captioning_and_vqa.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,7 @@ from mmcourse.encoders import (
     _init_weights,
     load_from_torch_layer,
 )
+from mmcourse.train import ShuffledBatches  # the course's one epoch sampler
 from mmcourse.utils import fraction, one_of, positive_int
 
 logger = logging.getLogger(__name__)
@@ -631,45 +632,76 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> dict[str, Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def sequence_batches(
-    inputs: Tensor,
-    encoded: dict[str, Tensor],
-    *,
-    batch_size: int,
-    generator: torch.Generator,
-    key: str = "images",
-) -> list[dict[str, Tensor]]:
-    """Shuffle (image, sequence) rows into a list of batches for :func:`mmcourse.train.fit`.
+class SequenceBatches:
+    """Shuffled (image, sequence) batches for :func:`mmcourse.train.fit`, trimmed to length.
+
+    The rows come from :class:`mmcourse.train.ShuffledBatches` (the course's one epoch
+    sampler: a fresh seeded permutation per epoch, the last partial batch dropped, made when
+    iterated); each batch is then cut to the longest sequence it holds.
 
     Args:
         inputs: (M, 3, S, S) images or (M, N, D) memories, one per row of ``encoded``.
         encoded: ``input_ids``, ``attention_mask``, ``loss_mask`` (M, T) (e.g. from
             :func:`encode_sequences`); other (M, ...) tensors ride along.
         batch_size: rows per batch.
-        generator: the shuffle's random stream.
+        num_batches: batches in one pass; ``None``: one epoch. More than an epoch continues
+            with the next epoch's permutation.
+        seed: seed of the permutations.
         key: the batch key of ``inputs``: ``"images"`` or ``"memory"``.
 
-    Returns:
-        Batches (dicts with ``key`` and the ``encoded`` keys), each trimmed to its
-        longest sequence; the last partial batch is dropped.
+    Yields:
+        Dicts with ``key`` and the ``encoded`` keys.
 
     Taught in notebooks/10_captioning_and_vqa.
     """
-    positive_int(batch_size=batch_size)
-    one_of("key", key, ("images", "memory"))
-    M = inputs.shape[0]
-    if M < batch_size:
-        raise ValueError(f"need at least batch_size={batch_size} rows, got {M}")
-    order = torch.randperm(M, generator=generator)
-    batches = []
-    for start in range(0, M - batch_size + 1, batch_size):
-        idx = order[start : start + batch_size]
-        batch = {key: inputs[idx]}
-        width = int(encoded["attention_mask"][idx].sum(-1).max())
-        for name, value in encoded.items():
-            batch[name] = value[idx][:, :width] if value.dim() == 2 else value[idx]
-        batches.append(batch)
-    return batches
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        encoded: dict[str, Tensor],
+        *,
+        batch_size: int,
+        num_batches: int | None = None,
+        seed: int = 0,
+        key: str = "images",
+    ) -> None:
+        one_of("key", key, ("images", "memory"))
+        if "attention_mask" not in encoded:
+            raise ValueError(f"encoded needs an attention_mask, got keys {sorted(encoded)}")
+        self.key, self.names = key, list(encoded)
+        self.rows = ShuffledBatches(
+            inputs, *encoded.values(), batch_size=batch_size, num_batches=num_batches, seed=seed
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        for inputs, *columns in self.rows:
+            encoded = dict(zip(self.names, columns, strict=True))
+            width = int(encoded["attention_mask"].sum(-1).max())
+            batch = {self.key: inputs}
+            for name, value in encoded.items():
+                batch[name] = value[:, :width] if value.dim() == 2 else value
+            yield batch
+
+
+def sequence_batches(
+    inputs: Tensor,
+    encoded: dict[str, Tensor],
+    *,
+    batch_size: int,
+    num_batches: int | None = None,
+    seed: int = 0,
+    key: str = "images",
+) -> SequenceBatches:
+    """Shuffled, length-trimmed (image, sequence) batches: a :class:`SequenceBatches`.
+
+    Taught in notebooks/10_captioning_and_vqa.
+    """
+    return SequenceBatches(
+        inputs, encoded, batch_size=batch_size, num_batches=num_batches, seed=seed, key=key
+    )
 
 
 def sequence_loss(model: Captioner, batch: dict[str, Tensor]) -> Tensor:
@@ -863,6 +895,7 @@ __all__ = [
     "caption_loss",
     "encode_sequences",
     "encode_prompts",
+    "SequenceBatches",
     "sequence_batches",
     "sequence_loss",
     "answer_loss",

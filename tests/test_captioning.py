@@ -212,9 +212,7 @@ def test_one_batch_overfit_captioner(tiny):
     torch.manual_seed(0)
     model = Captioner(cfg)
     enc = encode_sequences(tok, data["caption"])
-    batches = sequence_batches(
-        data["images"], enc, batch_size=8, generator=torch.Generator().manual_seed(0)
-    )
+    batches = list(sequence_batches(data["images"], enc, batch_size=8, seed=0))
     before = sequence_loss(model, batches[0]).item()
     fit(
         model,
@@ -317,9 +315,7 @@ def test_sequence_batches_with_memory(tiny):
     data, tok, cfg = tiny
     enc = encode_sequences(tok, data["caption"])
     memory = torch.randn(8, 16, cfg.dim)
-    batches = sequence_batches(
-        memory, enc, batch_size=4, generator=torch.Generator().manual_seed(0), key="memory"
-    )
+    batches = list(sequence_batches(memory, enc, batch_size=4, seed=0, key="memory"))
     assert len(batches) == 2 and set(batches[0]) == {
         "memory",
         "input_ids",
@@ -328,6 +324,34 @@ def test_sequence_batches_with_memory(tiny):
     }
     assert batches[0]["memory"].shape == (4, 16, cfg.dim)
     assert sequence_loss(Captioner(cfg), batches[0]).dim() == 0
+
+
+def test_sequence_batches_equal_a_permutation_per_epoch(tiny):
+    """Lazily made batches equal the eager loop they replace: one seeded generator, a fresh
+    permutation per epoch, the last partial batch dropped, each batch cut to its longest row."""
+    data, tok, _ = tiny
+    enc = encode_sequences(tok, data["caption"])
+    images = data["images"]
+    expected, generator = [], torch.Generator().manual_seed(3)
+    while len(expected) < 7:
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(images) - 3 + 1, 3):
+            idx = order[start : start + 3]
+            width = int(enc["attention_mask"][idx].sum(-1).max())
+            expected.append(
+                {"images": images[idx]} | {k: v[idx][:, :width] for k, v in enc.items()}
+            )
+    batches = sequence_batches(images, enc, batch_size=3, num_batches=7, seed=3)
+    assert len(batches) == 7
+    for _ in range(2):  # iterating again gives the same batches
+        got = list(batches)
+        assert len(got) == 7
+        for g, e in zip(got, expected[:7], strict=True):
+            assert g.keys() == e.keys() and all(torch.equal(g[k], e[k]) for k in e)
+    with pytest.raises(ValueError, match="key"):
+        sequence_batches(images, enc, batch_size=3, key="pixels")
+    with pytest.raises(ValueError, match="batch_size"):
+        sequence_batches(images, enc, batch_size=len(images) + 1)
 
 
 @pytest.mark.gpu

@@ -288,11 +288,8 @@ rows_memory = torch.cat([memory["train"][caption_image], memory["train"][qa_imag
 print(f"{len(captions)} caption sequences + {len(qa_train)} question-answer sequences, longest {width} tokens")
 
 
-def caption_batches(inputs, seed_):
-    out, g_ = [], torch.Generator().manual_seed(seed_)
-    while len(out) < caption_steps:
-        out += sequence_batches(inputs, encoded, batch_size=batch_size, generator=g_, key="memory")
-    return out[:caption_steps]
+def caption_batches(inputs, seed_):  # shuffled each epoch, each batch cut to its longest sequence
+    return sequence_batches(inputs, encoded, batch_size=batch_size, num_batches=caption_steps, seed=seed_, key="memory")
 
 
 caption_config = TrainConfig(max_steps=caption_steps, lr=3e-3, warmup_steps=caption_steps // 20,

@@ -801,10 +801,9 @@ captioner.encoder.requires_grad_(False)
 with torch.inference_mode():
     caption_memory = captioner.encode(train["images"])  # (N, 16, D): computed once
 encoded_captions = encode_sequences(tokenizer, train["canonical_caption"])
-caption_gen, caption_batches = torch.Generator().manual_seed(seed), []
-while len(caption_batches) < caption_steps:
-    caption_batches += sequence_batches(caption_memory, encoded_captions, batch_size=64, generator=caption_gen, key="memory")
-caption_fit = fit(captioner, caption_batches[:caption_steps], loss_fn=sequence_loss,
+caption_batches = sequence_batches(caption_memory, encoded_captions, batch_size=64, num_batches=caption_steps, seed=seed,
+                                   key="memory")
+caption_fit = fit(captioner, caption_batches, loss_fn=sequence_loss,
                   config=TrainConfig(max_steps=caption_steps, lr=3e-3, warmup_steps=caption_steps // 20,
                                      eval_every=caption_steps, progress=False, device=str(device)))
 captioner_dir = serve.save_captioner_bundle(workdir / "captioner", captioner.cpu().eval(), tokenizer)
