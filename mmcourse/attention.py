@@ -454,8 +454,11 @@ class MultiHeadAttention(nn.Module):
             are asked for; ``False`` always uses the reference path.
         kdim: width of the keys' source (for cross-attention); ``dim`` if None.
         vdim: width of the values' source; ``dim`` if None.
+        rotary: a module ``(q, k) -> (q, k)`` on the split heads (B, H, L, Dh), (B, H, S, Dh),
+            applied before the scores: the hook for rotary embeddings
+            (:class:`mmcourse.positional.Rotary`); None for none.
 
-    Taught in notebooks/02_attention.
+    Taught in notebooks/02_attention (the hook: 03_positional_encoding).
     """
 
     def __init__(
@@ -468,6 +471,7 @@ class MultiHeadAttention(nn.Module):
         use_sdpa: bool = True,
         kdim: int | None = None,
         vdim: int | None = None,
+        rotary: nn.Module | None = None,
     ) -> None:
         super().__init__()
         positive_int(dim=dim, num_heads=num_heads)
@@ -486,6 +490,7 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(kdim, dim, bias=bias)  # W^K_1..W^K_h
         self.v_proj = nn.Linear(vdim, dim, bias=bias)  # W^V_1..W^V_h
         self.out_proj = nn.Linear(dim, dim, bias=bias)  # W^O
+        self.rotary = rotary
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -680,6 +685,8 @@ class MultiHeadAttention(nn.Module):
         q = rearrange(self.q_proj(query), "b l (h d) -> b h l d", h=h)  # (B, H, L, Dh)
         k = rearrange(self.k_proj(key), "b s (h d) -> b h s d", h=h)  # (B, H, S, Dh)
         v = rearrange(self.v_proj(value), "b s (h d) -> b h s d", h=h)  # (B, H, S, Dh)
+        if self.rotary is not None:  # e.g. RoPE: rotate queries and keys by their positions
+            q, k = self.rotary(q, k)
         # 3) attention in every head at once
         p = self.dropout if self.training else 0.0
         weights = None

@@ -23,10 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
+from mmcourse.attention import MultiHeadAttention
 from mmcourse.train import accuracy  # the course's one accuracy, re-exported for notebook 03
 from mmcourse.utils import non_negative_int, one_of, positive_float, positive_int
 
@@ -434,39 +433,31 @@ class OrderProbeConfig:
             raise ValueError(f"position='sinusoidal' needs an even dim, got {self.dim}")
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with optional RoPE on queries and keys (fused SDPA kernel).
+class Rotary(nn.Module):
+    """RoPE as a hook of :class:`mmcourse.attention.MultiHeadAttention`: rotate q and k.
+
+    Query i and key j are rotated by the angles of positions i and j, so their dot product
+    depends on i - j only.
 
     Args:
-        dim: D, the model width.
-        num_heads: H.
-        rope_base: the RoPE base; None for no rotation.
-        dropout: dropout on the attention weights.
+        base: the RoPE base (Llama: ``rope_theta``).
+
+    Taught in notebooks/03_positional_encoding.
     """
 
-    def __init__(
-        self, *, dim: int, num_heads: int, rope_base: float | None = None, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, *, base: float = 10000.0) -> None:
         super().__init__()
-        self.num_heads, self.rope_base, self.dropout = num_heads, rope_base, dropout
-        self.qkv_proj = nn.Linear(dim, 3 * dim)
-        self.out_proj = nn.Linear(dim, dim)
+        positive_float(base=base)
+        self.base = float(base)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, N, D) -> (B, N, D)."""
-        # 1) project q, k, v and split the heads
-        q, k, v = rearrange(
-            self.qkv_proj(x), "b n (three h dh) -> three b h n dh", three=3, h=self.num_heads
-        )  # each (B, H, N, Dh)
-        # 2) rotate queries and keys by their positions (RoPE)
-        if self.rope_base is not None:
-            cos, sin = rope_cos_sin(x.shape[1], q.shape[-1], self.rope_base, device=x.device)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # 3) softmax(q k^T / sqrt(Dh)) v, then merge the heads
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, N, Dh)
-        return self.out_proj(rearrange(out, "b h n dh -> b n (h dh)"))  # (B, N, D)
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, H, L, Dh), (B, H, S, Dh) -> the same, rotated by positions 0..L-1 and 0..S-1."""
+        L, S = q.shape[-2], k.shape[-2]
+        cos, sin = rope_cos_sin(max(L, S), q.shape[-1], self.base, device=q.device)  # (N, Dh)
+        return apply_rotary(q, cos[:L], sin[:L]), apply_rotary(k, cos[:S], sin[:S])
+
+    def extra_repr(self) -> str:
+        return f"base={self.base:g}"
 
 
 class Block(nn.Module):
@@ -475,10 +466,10 @@ class Block(nn.Module):
     def __init__(self, config: OrderProbeConfig) -> None:
         super().__init__()
         D = config.dim
-        rope_base = config.base if config.position == "rope" else None
+        rotary = Rotary(base=config.base) if config.position == "rope" else None
         self.ln_1 = nn.LayerNorm(D)
-        self.attn = SelfAttention(
-            dim=D, num_heads=config.num_heads, rope_base=rope_base, dropout=config.dropout
+        self.attn = MultiHeadAttention(
+            dim=D, num_heads=config.num_heads, dropout=config.dropout, rotary=rotary
         )
         self.ln_2 = nn.LayerNorm(D)
         self.mlp = nn.Sequential(
@@ -489,7 +480,7 @@ class Block(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x), need_weights=False)[0]
         return x + self.mlp(self.ln_2(x))
 
 
@@ -598,7 +589,7 @@ __all__ = [
     "ModalityEmbedding",
     "concat_modalities",
     "OrderProbeConfig",
-    "SelfAttention",
+    "Rotary",
     "Block",
     "OrderProbe",
     "which_comes_first",

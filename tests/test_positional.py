@@ -18,13 +18,14 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.models.llama.modeling_llama import rotate_half as hf_rotate_half
 
+from mmcourse.attention import MultiHeadAttention
 from mmcourse.positional import (
     POSITIONS,
     LearnedPositionalEmbedding,
     ModalityEmbedding,
     OrderProbe,
     OrderProbeConfig,
-    SelfAttention,
+    Rotary,
     SinusoidalPositionalEncoding,
     accuracy,
     apply_rotary,
@@ -292,23 +293,44 @@ def test_modality_bad_inputs():
 # --- attention, the experiment model and its task ---------------------------------------------
 
 
-def test_self_attention_equals_the_textbook_formula_and_is_permutation_equivariant():
+def test_attention_with_the_rotary_hook_equals_the_textbook_formula():
+    """MultiHeadAttention(rotary=Rotary(...)): softmax(R_i q_i . R_j k_j / sqrt(Dh)) v, in value
+    and gradient, on the fused and the reference path; without the hook it is permutation
+    equivariant, with it it is not, and the scores depend on i - j only."""
     torch.manual_seed(0)
-    attn = SelfAttention(dim=8, num_heads=2)
+    attn = MultiHeadAttention(dim=8, num_heads=2, rotary=Rotary(base=100.0))
     x = torch.randn(2, 5, 8, requires_grad=True)
-    q, k, v = attn.qkv_proj(x).reshape(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
+    split = lambda t: t.reshape(2, 5, 2, 4).transpose(1, 2)  # noqa: E731  (B, H, N, Dh)
+    q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
+    cos, sin = rope_cos_sin(5, 4, 100.0)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
     reference = attn.out_proj((weights @ v).transpose(1, 2).reshape(2, 5, 8))
-    out = attn(x)
-    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
-    g1 = torch.autograd.grad(out.square().sum(), x)[0]
-    g2 = torch.autograd.grad(reference.square().sum(), x)[0]
-    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+    for need_weights in (False, True):
+        out = attn(x, need_weights=need_weights)[0]
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+        g1 = torch.autograd.grad(out.square().sum(), x)[0]
+        g2 = torch.autograd.grad(reference.square().sum(), x, retain_graph=True)[0]
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
     perm = torch.tensor([3, 0, 4, 1, 2])
+    plain = MultiHeadAttention(dim=8, num_heads=2)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x[:, perm]), attn(x)[:, perm], atol=1e-6, rtol=1e-5)
-        rope = SelfAttention(dim=8, num_heads=2, rope_base=100.0)
-        assert not torch.allclose(rope(x[:, perm]), rope(x)[:, perm], atol=1e-3)
+        torch.testing.assert_close(plain(x[:, perm])[0], plain(x)[0][:, perm], atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(attn(x[:, perm])[0], attn(x)[0][:, perm], atol=1e-3)
+        # relative positions: one query and one key vector at every position, every pair
+        qv, kv = (
+            torch.randn(1, 1, 1, 4).expand(1, 1, 6, 4),
+            torch.randn(1, 1, 1, 4).expand(1, 1, 6, 4),
+        )
+        rq, rk = Rotary(base=100.0)(qv, kv)
+        scores = (rq @ rk.transpose(-1, -2))[0, 0]  # (6, 6)
+        for offset in range(-5, 6):
+            diagonal = torch.diagonal(scores, offset)
+            torch.testing.assert_close(
+                diagonal, diagonal[:1].expand_as(diagonal), atol=1e-5, rtol=1e-5
+            )
+    with pytest.raises(ValueError, match="base"):
+        Rotary(base=0.0)
 
 
 def test_which_comes_first_task():
