@@ -51,7 +51,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from tqdm.auto import tqdm
 
 import mmcourse
 from mmcourse import utils
@@ -396,6 +395,7 @@ explore(
 
 # %%
 from mmcourse.contrastive import clip_loss
+from mmcourse.train import ShuffledBatches, TrainConfig, fit
 from mmcourse.modalities import SharedSpace, SharedSpaceConfig, retrieval_accuracy
 
 config = avdigits.AVDigitsConfig(seed=seed)
@@ -424,20 +424,26 @@ before = embed_test(model)
 s_before = model.logit_scale().item()  # s at initialisation
 
 # %% [markdown]
-# The training loop is the standard one: sample a batch, compute the loss, step AdamW.
+# The training loop is the standard one: draw a batch, compute the loss, step AdamW. The
+# course runs every training through one implementation of it, `mmcourse.train.fit`: we give
+# it the model, the batches (`ShuffledBatches`: a fresh shuffle of the pairs every epoch) and
+# a **loss function** of the model and one batch; it does the rest (the optimiser, the
+# learning-rate schedule, moving batches to the device). Chapter 08 takes it apart.
 
 # %%
-optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-g = torch.Generator().manual_seed(seed)
-losses = []
-for _ in tqdm(range(align_steps), desc="aligning", mininterval=2):
-    idx = torch.randint(0, len(train["label"]), (batch_size,), generator=g)
-    u, v, scale = model(train["image"][idx].to(device), train_audio[idx].to(device))
-    loss = clip_loss(u, v, scale)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    losses.append(loss.item())
+def align_loss(model, batch):
+    """The CLIP loss of one batch of (image, clip) pairs."""
+    images, clips = batch
+    u, v, scale = model(images, clips)  # (B, d), (B, d), the learned s
+    return clip_loss(u, v, scale)
+
+
+pairs = ShuffledBatches(train["image"], train_audio, batch_size=batch_size, seed=seed)
+align_fit = fit(model, pairs, loss_fn=align_loss,
+                config=TrainConfig(max_steps=align_steps, lr=lr, schedule="constant", grad_clip=None,
+                                   progress=False, device=str(device)))
+losses = [row["loss"] for row in align_fit.history]
+scale = model.logit_scale()
 u_test, v_test = embed_test(model)
 
 # %% [markdown]

@@ -589,6 +589,7 @@ plt.show()
 # %%
 from mmcourse.data import shapes
 from mmcourse.modalities import patchify
+from mmcourse.train import ShuffledBatches, TrainConfig, fit
 
 WORDS = list(shapes.COLOURS) + list(shapes.SHAPES)  # the query vocabulary: 6 colours, 4 shapes
 config = shapes.ShapesConfig(image_size=image_size, seed=seed)
@@ -649,22 +650,21 @@ print(f"{sum(p.numel() for p in model.parameters()):,} parameters")
 # step costs more than the arithmetic they share, so the loop runs on one thread.)
 
 # %%
-optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+def where_loss(model, batch):
+    """Cross-entropy of the region answer plus that of the size answer, for one batch."""
+    patches, words, answers = batch  # (B, N, P), (B, 2), (B, 2): region, size
+    region_logits, size_logits, _ = model(patches, words)
+    return F.cross_entropy(region_logits, answers[:, 0]) + F.cross_entropy(size_logits, answers[:, 1])
+
+
 threads = torch.get_num_threads()
 if device.type == "cpu":
     torch.set_num_threads(1)
-gen = torch.Generator().manual_seed(seed)
-losses = []
-model.train()
-for _ in tqdm(range(train_steps), desc="training", mininterval=2):
-    idx = torch.randint(0, n_train, (batch_size,), generator=gen)
-    region_logits, size_logits, _ = model(train_patches[idx].to(device), train_words[idx].to(device))
-    answers = train_answers[idx].to(device)  # (B, 2): region, size
-    loss = F.cross_entropy(region_logits, answers[:, 0]) + F.cross_entropy(size_logits, answers[:, 1])
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    losses.append(loss.item())
+scenes = ShuffledBatches(train_patches, train_words, train_answers, batch_size=batch_size, seed=seed)
+where_fit = fit(model, scenes, loss_fn=where_loss,  # the course's one training loop (chapter 01)
+                config=TrainConfig(max_steps=train_steps, lr=lr, weight_decay=0.0, schedule="constant",
+                                   grad_clip=None, progress=False, device=str(device)))
+losses = [row["loss"] for row in where_fit.history]
 torch.set_num_threads(threads)
 model.eval()
 with torch.no_grad():
