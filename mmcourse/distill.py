@@ -638,7 +638,7 @@ class TextClassifier(nn.Module):
         Returns:
             :class:`ClassifierOutput`.
         """
-        self.encoder._check_inputs(input_ids, attention_mask, None)
+        self.encoder.check_inputs(input_ids, attention_mask, None)
         x = self.encoder.embeddings(input_ids, torch.zeros_like(input_ids))  # (B, N, D)
         return self.forward_from(
             x,

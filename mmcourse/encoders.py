@@ -654,9 +654,11 @@ class TextEncoder(nn.Module):
                     f"{int(token_type_ids.min())} to {int(token_type_ids.max())}"
                 )
 
-    def _check_inputs(
+    def check_inputs(
         self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None
     ) -> None:
+        """Raise ``ValueError`` unless the ids, mask and types have the shapes and ranges
+        this encoder takes (public, so that a model wrapping it checks at its boundary)."""
         c = self.config
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
@@ -699,7 +701,7 @@ class TextEncoder(nn.Module):
             pooler's tanh(W h_[CLS] + b) (BertModel's ``pooler_output``) or, without a
             pooler, h_[CLS] itself; ``attentions``.
         """
-        self._check_inputs(input_ids, attention_mask, token_type_ids)
+        self.check_inputs(input_ids, attention_mask, token_type_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         # The tokenizer's attention_mask is 1 = keep; the blocks take True = padding.
