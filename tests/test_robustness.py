@@ -439,7 +439,7 @@ def test_conv_image_tower_shapes_upsampling_and_errors():
 
 @pytest.mark.slow
 def test_fgsm_from_zero_collapses_on_the_conv_tower():
-    """Chapter 12's claim behind co_tower="cnn", for one seed: PGD accuracy peaks, then falls
+    """Chapter 12's claim at its full size (co_steps=400), for one seed: PGD accuracy peaks, then falls
     to less than half its peak while FGSM accuracy stays far above it (the notebook's settings)."""
     from mmcourse.data import avdigits
 
