@@ -502,8 +502,9 @@ scratch_zero_shot.round(3)
 #   (`caption_style = "canonical"`), it learns instead that "a small red circle on the
 #   left" and "a large red circle at the bottom" are *different* images; their mean then
 #   resembles neither, "a {}" looks like no training caption, and the mean falls far
-#   behind the `max` rule (rerun the notebook with that parameter to see it). The
-#   training captions decide which prompts work.
+#   behind the `max` rule (rerun the notebook with that parameter to see it; the LiT
+#   tower of section 9, trained on complete captions, shows it too). The training
+#   captions decide which prompts work.
 #
 # The `max` rule is about as good as the mean here (printed below), and it is worth
 # knowing what it is on Shapes: the 10 templates enumerate every size × position, so the
