@@ -958,9 +958,10 @@ mmcourse.record("heads_rerank_fused_minus_itc_max_mean", round(float(fused_minus
 #
 # Re-ranking stays a null result at this size, and the reason is structural, not noise:
 # ITC's single vector is trained end to end with the image tower, while every ITM here
-# reads the same *frozen* tokens with a few hundred steps of training, and ITC's errors
-# are the shape confusions that the frozen tokens make hard for everyone (ITC's R@1 above
-# is printed beside the re-ranked ones). The condition under which re-ranking pays off is
+# reads the same *frozen* tokens with a few hundred steps of training (ITC's R@1 is
+# printed beside the re-ranked ones). The near misses the heads handle worst are the
+# shape changes (the "reject shape" row), the attribute the fusion encoder of section 4
+# also reads worst, and shape is where a re-ranker would have to beat ITC. The condition under which re-ranking pays off is
 # an ITM that reads the image better than ITC does - in ALBEF and BLIP a deep fusion
 # encoder trained jointly with both towers on millions of pairs; here, more training of
 # the fusion encoder, which exercise 4 asks you to measure with `-p itm_steps 1000`.
@@ -1124,6 +1125,8 @@ q3.check(my_rerank)
 # R@1 of "ITM only" vs "ITM + s * ITC". Then give ITM more steps (`-p itm_steps 1000`):
 # does the gap between hard and random negatives close, does ITM-only re-ranking stop
 # losing to ITC, and does the fused score overtake ITC alone (section 6b's condition)?
-# Section 6b's heads take `-p head_steps` and `-p num_seeds` the same way. (To see the grounding diagnostic change, edit the ITM runs to train with
+# Section 6b's heads take `-p head_steps` and `-p num_seeds` the same way: with half the
+# steps, do one-attribute negatives still win? They are the harder task, and a harder task
+# needs more training before it pays. (To see the grounding diagnostic change, edit the ITM runs to train with
 # `objectives=("itm",)` instead of `("mlm", "itm")`; no parameter does it.) This exercise
 # is open: there is no checker, the chapter's tables are your instrument.
