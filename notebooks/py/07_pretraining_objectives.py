@@ -841,8 +841,9 @@ plt.show()
 # `mmcourse.train.fit` and the loss below. A step costs a few small matrix products.
 # Both kinds of negatives share the seed, the initialisation and the image order; only
 # the pool of negative captions differs. We score the same near misses as section 5
-# (one attribute changed) at the model's own threshold, $p = 0.5$: **accept** the true
-# caption, **reject** the near miss, and their mean, the balanced accuracy; the pairwise
+# (one attribute changed; a **near miss**, 近似负样本) at the model's own threshold,
+# $p = 0.5$: **accept** the true caption, **reject** the near miss, and their mean, the
+# **balanced accuracy** (平衡准确率); the pairwise
 # rate (true above near miss) and re-ranking R@1 come along.
 
 # %%
