@@ -629,6 +629,7 @@ def sample_bank_negatives(
     hard: bool = True,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """Draw one negative text per image from a caption *bank* instead of the batch.
 
@@ -645,6 +646,9 @@ def sample_bank_negatives(
         hard: sample from the tempered softmax (True) or uniformly (False).
         temperature: T > 0 divides the similarity before the softmax.
         generator: for reproducible draws.
+        allowed: optional (B, C) bool: the only bank captions image i may get (e.g. the
+            captions that change exactly one attribute of its own, :func:`attribute_neighbours`);
+            every row needs at least one allowed caption besides ``own[i]``.
 
     Returns:
         (B,) long bank indices, on the similarity's device.
@@ -663,26 +667,69 @@ def sample_bank_negatives(
     own = own.long().to(similarity.device)
     if own.min() < 0 or own.max() >= C:
         raise ValueError(f"own must index the bank: values in [0, C={C})")
-    weights = bank_negative_weights(similarity, own, hard=hard, temperature=temperature)
+    weights = bank_negative_weights(
+        similarity, own, hard=hard, temperature=temperature, allowed=allowed
+    )
     drawn = torch.multinomial(weights.cpu(), 1, generator=generator).squeeze(1)
     return drawn.to(similarity.device)
 
 
 def bank_negative_weights(
-    similarity: Tensor, own: Tensor, *, hard: bool = True, temperature: float = 1.0
+    similarity: Tensor,
+    own: Tensor,
+    *,
+    hard: bool = True,
+    temperature: float = 1.0,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """The (B, C) weights ``sample_bank_negatives`` draws from: softmax(similarity / T) with
     each image's own caption at 0 (``hard``), or 1 for every other caption (uniform, unnormalised).
+    With ``allowed`` (B, C) bool, captions outside it get weight 0 too.
 
     Taught in notebooks/07_pretraining_objectives (its explorer).
     """
     positive_float(temperature=temperature)
     own = own.long().to(similarity.device)
     positive = F.one_hot(own, similarity.shape[1]).bool()  # (B, C)
+    if allowed is not None:
+        if allowed.shape != similarity.shape or allowed.dtype != torch.bool:
+            raise ValueError(
+                f"allowed must be a bool mask like similarity {tuple(similarity.shape)}, got "
+                f"{tuple(allowed.shape)} {allowed.dtype}"
+            )
+        positive = positive | ~allowed.to(similarity.device)  # excluded like the positive
+        if positive.all(dim=1).any():
+            i = int(positive.all(dim=1).nonzero()[0])
+            raise ValueError(f"image {i} has no allowed negative caption besides its own")
     if hard:
         weights = (similarity.detach().float() / temperature).masked_fill(positive, -math.inf)
         return weights.softmax(dim=1)  # (B, C)
     return (~positive).float()
+
+
+def attribute_neighbours(codes: Tensor, *, distance: int = 1) -> Tensor:
+    """Which captions differ from which in exactly ``distance`` attributes: a (C, C) bool mask.
+
+    The *one-attribute* negatives of a caption ("a large red circle on the left" -> "a large
+    blue circle on the left") are the captions a model can only reject by checking every
+    attribute; ``attribute_neighbours(codes)[own]`` is the ``allowed`` mask of
+    :func:`sample_bank_negatives` that draws only those.
+
+    Args:
+        codes: (C, A) integer codes, one row per caption, one column per attribute.
+        distance: how many attributes must differ (>= 1).
+
+    Returns:
+        (C, C) bool, True where rows i and j differ in exactly ``distance`` attributes.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+    if codes.dim() != 2 or codes.is_floating_point():
+        raise ValueError(
+            f"expected integer codes of shape (C, A), got {tuple(codes.shape)} {codes.dtype}"
+        )
+    positive_int(distance=distance)
+    return (codes[:, None, :] != codes[None, :, :]).sum(-1) == distance  # (C, C)
 
 
 # --- 5. the ITM loss ---------------------------------------------------------------------------
@@ -812,6 +859,7 @@ def pretrain(
     similarity_embeds: tuple[Tensor, Tensor, float] | None = None,
     caption_ids: Tensor | None = None,
     caption_bank: tuple[Tensor, Tensor, Tensor] | None = None,
+    negative_pool: Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> PretrainHistory:
     """Train ``model`` with MLM and/or ITM on precomputed (frozen) image tokens.
@@ -839,6 +887,9 @@ def pretrain(
             with ``caption_bank`` they must be each caption's row in the bank.
         caption_bank: ITM only: ``(bank_input_ids (C, N), bank_attention_mask (C, N),
             bank_text_embeds (C, E))``: every distinct caption, tokenized and embedded by ITC.
+        negative_pool: ITM with ``caption_bank`` only: (C, C) bool, row c the bank captions
+            that may be drawn as the negative text of a pair whose caption is c (e.g.
+            :func:`attribute_neighbours`); None: every other caption of the bank.
         device: where to train; the model's device if None.
 
     Returns:
@@ -871,6 +922,15 @@ def pretrain(
                 raise ValueError("caption_bank needs caption_ids (P,): each caption's bank row")
             if caption_ids.min() < 0 or caption_ids.max() >= C:
                 raise ValueError(f"caption_ids must index the bank of C={C} captions")
+            if negative_pool is not None and (
+                negative_pool.shape != (C, C) or negative_pool.dtype != torch.bool
+            ):
+                raise ValueError(
+                    f"negative_pool must be a ({C}, {C}) bool mask over the bank, got "
+                    f"{tuple(negative_pool.shape)} {negative_pool.dtype}"
+                )
+        elif negative_pool is not None:
+            raise ValueError("negative_pool restricts draws from caption_bank: pass caption_bank")
     if config.batch_size > P:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {P} training pairs")
     device = next(model.parameters()).device if device is None else torch.device(device)
@@ -928,6 +988,7 @@ def pretrain(
                     hard=hard,
                     temperature=config.temperature,
                     generator=generator,
+                    allowed=None if negative_pool is None else negative_pool[caption_ids[index]],
                 )
                 neg_ids, neg_mask = _trim(bank_ids[drawn], bank_mask[drawn])
                 width = max(texts.shape[1], neg_ids.shape[1])
@@ -956,6 +1017,98 @@ def pretrain(
         "pretrained %s for %d steps in %.1f s", config.objectives, config.steps, history.seconds
     )
     return history
+
+
+# --- 6b. a cheap ITM head on frozen towers (for experiments over several seeds) -------------
+
+
+class CrossAttentionMatcher(nn.Module):
+    """An ITM head on *frozen* towers: fusion blocks from caption tokens to image tokens.
+
+    ALBEF's fusion encoder without its own text layers: the caption's token states come
+    from a frozen text tower (e.g. the ITC model's), pass ``num_layers``
+    :class:`CrossAttentionBlock` s that cross-attend to the frozen image tokens, and a linear
+    head on the [CLS] position gives the two ITM logits (column 1 = "match"). With both
+    towers' outputs cached, one training step costs a few small matrix products, so the
+    same comparison can be repeated over several seeds.
+
+    Args:
+        dim: D, the width of the text token states.
+        image_dim: K, the width of the image tokens; None means D.
+        num_heads: H, for both attentions.
+        num_layers: fusion blocks.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+
+    def __init__(
+        self, *, dim: int, image_dim: int | None = None, num_heads: int = 4, num_layers: int = 1
+    ) -> None:
+        super().__init__()
+        positive_int(dim=dim, num_heads=num_heads, num_layers=num_layers)
+        self.blocks = nn.ModuleList(
+            CrossAttentionBlock(dim=dim, num_heads=num_heads, image_dim=image_dim)
+            for _ in range(num_layers)
+        )
+        self.itm_head = nn.Linear(dim, 2)  # PyTorch's default initialisation: BERT's N(0, 0.02)
+        # starts these tiny heads on a long ln 2 plateau
+
+    def forward(
+        self, text_states: Tensor, image_tokens: Tensor, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """(B, N, D) caption states, (B, M, K) image tokens, (B, N) mask -> (B, 2) ITM logits."""
+        if text_states.dim() != 3 or image_tokens.dim() != 3:
+            raise ValueError(
+                "expected text_states (B, N, D) and image_tokens (B, M, K), got "
+                f"{tuple(text_states.shape)} and {tuple(image_tokens.shape)}"
+            )
+        if text_states.shape[0] != image_tokens.shape[0]:
+            raise ValueError(
+                f"need one image per caption, got {image_tokens.shape[0]} images and "
+                f"{text_states.shape[0]} captions"
+            )
+        pad = None if attention_mask is None else attention_mask == 0  # (B, N), True = padding
+        x = text_states
+        for block in self.blocks:
+            x, _ = block(x, image_tokens, key_padding_mask=pad)  # (B, N, D)
+        return self.itm_head(x[:, 0])  # (B, 2)
+
+
+def itm_pairs(
+    weights: Tensor, own: Tensor, *, epochs: int = 1, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ITM training pairs from a caption bank: each image once with its caption, once with a negative.
+
+    Per epoch, image i appears twice: with its own caption ``own[i]`` (label 1) and with a
+    caption drawn from row i of ``weights`` (label 0), e.g. :func:`bank_negative_weights`
+    (random, ITC-mined, or restricted to :func:`attribute_neighbours`). The classes are
+    balanced, so a pair-blind model sits at ln 2. Negatives are drawn afresh each epoch.
+
+    Args:
+        weights: (P, C) non-negative sampling weights, 0 on each image's own caption.
+        own: (P,) the bank index of each image's caption.
+        epochs: how many passes to draw.
+        generator: for reproducible draws.
+
+    Returns:
+        ``(image_index, caption_index, labels)``, each (2 P epochs,) long.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+    P = own.shape[0]
+    if weights.dim() != 2 or weights.shape[0] != P:
+        raise ValueError(f"expected weights (P={P}, C), got {tuple(weights.shape)}")
+    positive_int(epochs=epochs)
+    own = own.long().cpu()
+    if (weights.gather(1, own.to(weights.device)[:, None]) != 0).any():
+        raise ValueError("weights must be 0 on each image's own caption (no false negatives)")
+    images, captions, labels = [], [], []
+    for _ in range(epochs):
+        drawn = torch.multinomial(weights.float().cpu(), 1, generator=generator).squeeze(1)
+        images.append(torch.arange(P).repeat(2))  # (2P,)
+        captions.append(torch.cat([own, drawn]))  # positives, then negatives
+        labels.append(torch.cat([torch.ones(P), torch.zeros(P)]).long())
+    return torch.cat(images), torch.cat(captions), torch.cat(labels)
 
 
 # --- 7. evaluation -----------------------------------------------------------------------------

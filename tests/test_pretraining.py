@@ -9,11 +9,15 @@ from torch import nn
 from mmcourse.encoders import TextEncoder, TextEncoderConfig, ViTConfig, load_from_bert
 from mmcourse.pretraining import (
     CrossAttentionBlock,
+    CrossAttentionMatcher,
     ImageTextConfig,
     ImageTextEncoder,
     MlmHead,
     PretrainConfig,
+    attribute_neighbours,
+    bank_negative_weights,
     itm_loss,
+    itm_pairs,
     itm_triplets,
     linear_probe_accuracy,
     load_from_torch_decoder_layer,
@@ -616,3 +620,105 @@ def test_linear_probe_accuracy():
         linear_probe_accuracy(x[:10], torch.zeros(10), x, y)
     with pytest.raises(ValueError, match="same F"):
         linear_probe_accuracy(x, y, x[:, :2], y)
+
+
+# --- one-attribute negatives and the cheap ITM head (section 6b) -------------------------------
+
+
+def test_attribute_neighbours_matches_a_loop():
+    codes = torch.randint(0, 3, (12, 4), generator=torch.Generator().manual_seed(0))
+    got = attribute_neighbours(codes)
+    for i in range(12):
+        for j in range(12):
+            assert got[i, j] == (
+                sum(int(a != b) for a, b in zip(codes[i], codes[j], strict=True)) == 1
+            )
+    assert not got.diagonal().any()
+    with pytest.raises(ValueError, match="integer codes"):
+        attribute_neighbours(codes.float())
+
+
+def test_bank_negatives_stay_inside_the_allowed_pool():
+    similarity = torch.randn(6, 10)
+    own = torch.arange(6)
+    allowed = torch.zeros(6, 10, dtype=torch.bool)
+    allowed[:, 7:] = True
+    for hard in (True, False):
+        drawn = sample_bank_negatives(
+            similarity, own, hard=hard, allowed=allowed, generator=torch.Generator().manual_seed(1)
+        )
+        assert (drawn >= 7).all()
+    with pytest.raises(ValueError, match="no allowed negative"):
+        bank_negative_weights(similarity, own, allowed=F.one_hot(own, 10).bool())
+    with pytest.raises(ValueError, match="bool mask"):
+        bank_negative_weights(similarity, own, allowed=allowed[:, :5])
+
+
+def test_itm_pairs_are_balanced_and_never_a_false_negative():
+    own = torch.tensor([0, 1, 2, 1])
+    weights = bank_negative_weights(torch.randn(4, 5), own, hard=False)
+    images, captions, labels = itm_pairs(
+        weights, own, epochs=3, generator=torch.Generator().manual_seed(0)
+    )
+    assert images.shape == captions.shape == labels.shape == (24,)
+    assert labels.sum() == 12
+    assert (captions[labels == 1] == own[images[labels == 1]]).all()
+    assert (captions[labels == 0] != own[images[labels == 0]]).all()
+    with pytest.raises(ValueError, match="own caption"):
+        itm_pairs(torch.ones(4, 5), own)
+
+
+def test_cross_attention_matcher_shapes_and_learns_one_batch():
+    from mmcourse.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    head = CrossAttentionMatcher(dim=16, image_dim=8, num_heads=2)
+    states, tokens = torch.randn(8, 5, 16), torch.randn(8, 3, 8)
+    mask = torch.ones(8, 5, dtype=torch.long)
+    mask[:, 4] = 0
+    assert head(states, tokens, mask).shape == (8, 2)
+    labels = torch.tensor([0, 1] * 4)
+    result = fit(
+        head,
+        [(states, tokens, mask, labels)],
+        loss_fn=lambda m, b: F.cross_entropy(m(b[0], b[1], b[2]), b[3]),
+        config=TrainConfig(max_steps=60, lr=1e-2, progress=False, device="cpu", eval_every=60),
+    )
+    assert result.history[-1]["loss"] < 0.1
+    with pytest.raises(ValueError, match="one image per caption"):
+        head(states, tokens[:3], mask)
+
+
+def test_pretrain_draws_itm_negatives_from_the_pool():
+    P, C = 8, 5
+    model = ImageTextEncoder(ImageTextConfig(vocab_size=12, image_dim=8, dim=16, num_heads=2))
+    ids = torch.randint(5, 12, (P, 4))
+    mask = torch.ones_like(ids)
+    own = torch.arange(P) % C
+    bank = (torch.randint(5, 12, (C, 4)), torch.ones(C, 4, dtype=torch.long), torch.randn(C, 6))
+    embeds = (F.normalize(torch.randn(P, 6), dim=-1), F.normalize(torch.randn(P, 6), dim=-1), 10.0)
+    pool = ~torch.eye(C, dtype=torch.bool)
+    config = PretrainConfig(objectives=("itm",), steps=2, batch_size=4, progress=False)
+    kwargs = dict(
+        image_tokens=torch.randn(P, 3, 8), input_ids=ids, attention_mask=mask, config=config
+    )
+    history = pretrain(
+        model,
+        **kwargs,
+        similarity_embeds=embeds,
+        caption_ids=own,
+        caption_bank=bank,
+        negative_pool=pool,
+    )
+    assert len(history.loss["itm"]) == 2
+    with pytest.raises(ValueError, match="negative_pool must be"):
+        pretrain(
+            model,
+            **kwargs,
+            similarity_embeds=embeds,
+            caption_ids=own,
+            caption_bank=bank,
+            negative_pool=pool[:, :3],
+        )
+    with pytest.raises(ValueError, match="pass caption_bank"):
+        pretrain(model, **kwargs, similarity_embeds=embeds, caption_ids=own, negative_pool=pool)

@@ -49,6 +49,8 @@ fusion_layers = 2  # cross-attention layers of the fusion encoder (ALBEF: 6)
 mask_probability = 0.4  # MLM: chance that a word is chosen (BERT: 0.15; 0.4 suits 7-word captions)
 itm_temperature = 3.0  # hard negatives ~ softmax(ITC logits / T) (ALBEF: 1)
 rerank_k = 8  # ITM re-scores the ITC top-k of our 200 captions, so k is at most 200 (ALBEF: 128-256 of far larger galleries)
+num_seeds = 3  # seeds of the cheap ITM heads of section 6b, each trained with both kinds of negatives (full: 5)
+head_steps = 400  # steps of each cheap ITM head, 64 pairs a step (full: 1000)
 cpu_threads = 1  # torch threads on a CPU: 1 keeps these tiny models steady on a shared machine (0: torch's default)
 
 # %%
@@ -66,6 +68,7 @@ from mmcourse.plotting import setup_notebook
 
 utils.positive_int(num_train=num_train, num_test=num_test, clip_steps=clip_steps, mlm_steps=mlm_steps)
 utils.positive_int(itm_steps=itm_steps, fusion_layers=fusion_layers, rerank_k=rerank_k)
+utils.positive_int(num_seeds=num_seeds, head_steps=head_steps)
 utils.positive_float(itm_temperature=itm_temperature)
 utils.fraction(mask_probability=mask_probability)
 utils.non_negative_int(seed=seed, cpu_threads=cpu_threads)
@@ -820,6 +823,150 @@ plt.show()
 # jointly with both towers on millions of pairs. Exercise 3 asks you to write the fused
 # re-ranking.
 #
+# ## 6b. Over several seeds: which negatives teach ITM to say "no" to a near miss?
+#
+# One seed of one fusion encoder is an example, not an estimate, and the two runs above
+# differ in *two* ways from what the question needs: ITC-mined negatives change whatever
+# ITC confuses (mostly the shape, rarely the size; section 5's table), and the pairwise
+# metric asks for a ranking, while ITM is a yes/no classifier. So we ask the question
+# directly, over `num_seeds` seeds: does ITM trained on negatives that change **exactly one
+# attribute** (`attribute_neighbours`, the pool `sample_bank_negatives(..., allowed=...)`
+# draws from) tell a true caption from a one-attribute near miss better than ITM trained on
+# random negatives (which change two or three attributes, section 5)?
+#
+# To afford several seeds we cache both frozen ITC towers - the image tokens and the text
+# tower's token states of the 200 captions - and train only ALBEF's fusion step on top:
+# a `CrossAttentionMatcher`, one cross-attention block and the ITM head, on balanced pairs
+# (each image once with its caption and once with a drawn negative, `itm_pairs`), with
+# `mmcourse.train.fit` and the loss below. A step costs a few small matrix products.
+# Both kinds of negatives share the seed, the initialisation and the image order; only
+# the pool of negative captions differs. We score the same near misses as section 5
+# (one attribute changed; a **near miss**, 近似负样本) at the model's own threshold,
+# $p = 0.5$: **accept** the true caption, **reject** the near miss, and their mean, the
+# **balanced accuracy** (平衡准确率); the pairwise
+# rate (true above near miss) and re-ranking R@1 come along.
+
+# %%
+from mmcourse.pretraining import CrossAttentionMatcher, attribute_neighbours, bank_negative_weights, itm_pairs
+from mmcourse.train import ShuffledBatches, TrainConfig, fit
+
+with torch.no_grad():  # the frozen ITC text tower's token states of the 200 captions: (200, 9, D_t)
+    caption_states = clip.text_encoder(candidates["input_ids"], candidates["attention_mask"]).last_hidden_state
+one_attribute = attribute_neighbours(bank_codes)  # (200, 200): True where two captions differ in one attribute
+pools = {"random": bank_negative_weights(bank_sim, caption_ids, hard=False),
+         "one attribute": bank_negative_weights(bank_sim, caption_ids, hard=False, allowed=one_attribute[caption_ids])}
+print("negatives per training caption: random", int(pools["random"][0].sum()), "| one attribute",
+      int(pools["one attribute"][0].sum()), f"(of {len(all_captions)} captions)")
+cache = {"states": caption_states.to(device), "mask": candidates["attention_mask"].to(device),
+         "tokens": image_tokens["train"].to(device)}
+
+
+def head_loss(model, batch):
+    images, captions, labels = batch  # (2B,) each: image rows, bank rows, 1 = the pair matches
+    logits = model(cache["states"][captions], cache["tokens"][images], cache["mask"][captions])  # (2B, 2)
+    return F.cross_entropy(logits.float(), labels)
+
+
+@torch.no_grad()
+def head_log_odds(model, tokens, caption_index):
+    model.cpu().eval()
+    logits = model(caption_states[caption_index], tokens, candidates["attention_mask"][caption_index])
+    return logits[:, 1] - logits[:, 0]  # (N,)
+
+
+near_miss = {a: torch.tensor([all_captions.index(c) for c in swapped[a]]) for a in ("colour", "shape", "size", "position")}
+shortlist = itc_sim.topk(rerank_k, dim=1).indices.flatten()  # (N_test * k,) ITC's shortlists, best first
+epochs = head_steps * 64 // (2 * num_train) + 1  # enough drawn pairs for head_steps batches of 64
+rows = []
+for run_seed in range(seed, seed + num_seeds):
+    for kind, weights in pools.items():
+        pairs = itm_pairs(weights, caption_ids, epochs=epochs, generator=torch.Generator().manual_seed(run_seed))
+        torch.manual_seed(run_seed)
+        head = CrossAttentionMatcher(dim=caption_states.shape[-1], image_dim=image_tokens["train"].shape[-1])
+        fit(head, ShuffledBatches(*pairs, batch_size=64, num_batches=head_steps, seed=run_seed), loss_fn=head_loss,
+            config=TrainConfig(max_steps=head_steps, lr=2e-3, warmup_steps=20, eval_every=head_steps, progress=False,
+                               device=str(device)))
+        true_score = head_log_odds(head, image_tokens["test"], truth)
+        row = {"seed": run_seed, "negatives": kind, "accept true": (true_score > 0).float().mean().item()}
+        for a, index in near_miss.items():
+            wrong = head_log_odds(head, image_tokens["test"], index)
+            row[f"reject {a}"] = (wrong < 0).float().mean().item()
+            row[f"pairwise {a}"] = (true_score > wrong).float().mean().item()
+        scores = head_log_odds(head, image_tokens["test"].repeat_interleave(rerank_k, 0), shortlist).view(-1, rerank_k)
+        row["R@1 ITM only"] = (rerank(itc_sim, scores, k=rerank_k) == truth).float().mean().item()
+        row["R@1 ITM + s * ITC"] = (rerank(itc_sim, scores, k=rerank_k, itc_weight=scale) == truth).float().mean().item()
+        rows.append(row)
+heads = pd.DataFrame(rows)
+heads["reject near miss"] = heads[[f"reject {a}" for a in near_miss]].mean(axis=1)
+heads["balanced accuracy"] = (heads["accept true"] + heads["reject near miss"]) / 2
+heads["pairwise"] = heads[[f"pairwise {a}" for a in near_miss]].mean(axis=1)
+shown_columns = ["accept true", *[f"reject {a}" for a in near_miss], "reject near miss", "balanced accuracy",
+                 "pairwise", "R@1 ITM only", "R@1 ITM + s * ITC"]
+print(f"{num_seeds} seeds x 2 kinds of negatives, {head_steps} steps each; ITC alone: R@1 = {itc_r1:.3f}")
+heads.groupby("negatives")[shown_columns].agg(["mean", "std"]).T.unstack().round(3)
+
+# %%
+per_seed = heads.pivot(index="seed", columns="negatives")
+
+
+def margin_floor(gains, at_least=0.01):
+    """Two standard errors of the per-seed differences, and at least ``at_least``."""
+    return max(at_least, 2 * gains.std() / np.sqrt(len(gains))) if len(gains) > 1 else at_least
+
+
+gain = {m: per_seed[m]["one attribute"] - per_seed[m]["random"]
+        for m in ("balanced accuracy", "reject near miss", "pairwise", "accept true")}
+fused_minus_itc = per_seed["R@1 ITM + s * ITC"] - itc_r1  # (seeds, kinds)
+for m, g in gain.items():
+    print(f"one attribute minus random, {m:>17}: {g.mean():+.3f} (per seed: {', '.join(f'{x:+.3f}' for x in g)})")
+print(f"fused re-ranking minus ITC alone, per seed and kind: {fused_minus_itc.min().min():+.3f} .. {fused_minus_itc.max().max():+.3f}")
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), layout="constrained")
+for ax, m in zip(axes, ("balanced accuracy", "pairwise", "R@1 ITM + s * ITC"), strict=True):
+    for x, kind in enumerate(pools):
+        ax.plot(np.full(num_seeds, x), per_seed[m][kind], "o", color="#c63" if kind != "random" else "#888", alpha=0.7)
+        ax.errorbar(x + 0.15, per_seed[m][kind].mean(), yerr=per_seed[m][kind].std() if num_seeds > 1 else 0, fmt="_k",
+                    markersize=14, capsize=3)
+    if m.startswith("R@1"):
+        ax.axhline(itc_r1, color="#37a", lw=0.8, label="ITC alone")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set(xticks=[0, 1], xticklabels=list(pools), xlim=(-0.5, 1.6), title=m, xlabel="negatives")
+axes[0].set_ylabel("test score (one dot per seed; mean ± std)")
+plt.show()
+# one-attribute negatives teach the yes/no decision on near misses: measured against random negatives, same seeds
+mmcourse.record("heads_balanced_accuracy_one_attribute_minus_random", round(float(gain["balanced accuracy"].mean()), 3),
+                at_least=round(margin_floor(gain["balanced accuracy"]), 3))
+mmcourse.record("heads_reject_near_miss_one_attribute_minus_random", round(float(gain["reject near miss"].mean()), 3),
+                at_least=round(margin_floor(gain["reject near miss"], 0.03), 3))
+# ...but not the ranking: the pairwise rates stay level
+pairwise_band = margin_floor(gain["pairwise"], 0.02)
+mmcourse.record("heads_pairwise_one_attribute_minus_random", round(float(gain["pairwise"].mean()), 3),
+                at_least=round(-pairwise_band, 3), at_most=round(pairwise_band, 3))
+# re-ranking with a head on the frozen towers does not beat ITC alone at this size
+mmcourse.record("heads_rerank_fused_minus_itc_max_mean", round(float(fused_minus_itc.mean().max()), 3),
+                at_most=round(margin_floor(fused_minus_itc.max(axis=1), 0.005), 3))
+
+# %% [markdown]
+# Over every seed, the heads trained on one-attribute negatives reject more of the near
+# misses - most clearly the shape and position changes - for a small loss in accepting
+# the true captions, so their balanced accuracy is higher; the per-seed differences and
+# the recorded margins, asserted against two standard errors of the seed-to-seed spread,
+# are printed above. This is what hard negatives are for: a matcher trained on easy
+# negatives learns that "some attribute is wrong" is rare and says *yes* to captions that
+# are wrong in one detail. What they do **not** buy here is a better ranking: the pairwise
+# rates of the two kinds are level. Random negatives already teach every single check
+# (each one changes two or three attributes, and the model cannot know which), they just
+# put the threshold where easy negatives sit.
+#
+# Re-ranking stays a null result at this size, and the reason is structural, not noise:
+# ITC's single vector is trained end to end with the image tower, while every ITM here
+# reads the same *frozen* tokens with a few hundred steps of training (ITC's R@1 is
+# printed beside the re-ranked ones). The near misses the heads handle worst are the
+# shape changes (the "reject shape" row), the attribute the fusion encoder of section 4
+# also reads worst, and shape is where a re-ranker would have to beat ITC. The condition under which re-ranking pays off is
+# an ITM that reads the image better than ITC does - in ALBEF and BLIP a deep fusion
+# encoder trained jointly with both towers on millions of pairs; here, more training of
+# the fusion encoder, which exercise 4 asks you to measure with `-p itm_steps 1000`.
+#
 # ## 7. Linear probes: what do the frozen features encode?
 #
 # A **linear probe** (线性探测) fits only a logistic regression on frozen features: its
@@ -918,7 +1065,7 @@ plt.show()
 # |---|---|---|
 # | ITC | two towers, a batch of pairs | a shared space that retrieves the exact caption for most test images; its top-8 always holds the right one |
 # | MLM | a fusion encoder, masked captions | with the image: size, colour and position of the masked word read from the picture, shape two times in three; without: about the text-only best guess |
-# | ITM | a fusion encoder, negatives | pairwise discrimination of one-attribute swaps; at this budget random negatives match or beat tempered hard negatives on every attribute, and ITM alone re-ranks worse than ITC; fused with ITC it stays close to (slightly below) ITC |
+# | ITM | a fusion encoder, negatives | over every seed, negatives that change one attribute teach ITM to reject near misses (higher balanced accuracy than random negatives); the ranking of true vs near miss stays level, ITC-mined negatives at T = 3 do not beat random ones in one run, and at this budget re-ranking does not beat ITC: ITM alone re-ranks worse, fused with ITC it stays close to ITC |
 #
 # The source's list has a fourth family, generative pretraining (生成式预训练, 002 §3.1):
 # predicting the caption word by word from the image. It is the objective of the decoders
@@ -977,7 +1124,10 @@ q3.check(my_rerank)
 # the chapter with `mmcourse run 07 -p itm_temperature 1` (ALBEF's sharp draw) and with
 # the default T = 3, and compare, for the hard-negative model, the pairwise table and the
 # R@1 of "ITM only" vs "ITM + s * ITC". Then give ITM more steps (`-p itm_steps 1000`):
-# does the gap between hard and random negatives close, and does ITM-only re-ranking stop
-# losing to ITC? (To see the grounding diagnostic change, edit the ITM runs to train with
+# does the gap between hard and random negatives close, does ITM-only re-ranking stop
+# losing to ITC, and does the fused score overtake ITC alone (section 6b's condition)?
+# Section 6b's heads take `-p head_steps` and `-p num_seeds` the same way: with half the
+# steps, do one-attribute negatives still win? They are the harder task, and a harder task
+# needs more training before it pays. (To see the grounding diagnostic change, edit the ITM runs to train with
 # `objectives=("itm",)` instead of `("mlm", "itm")`; no parameter does it.) This exercise
 # is open: there is no checker, the chapter's tables are your instrument.
