@@ -340,9 +340,8 @@ def load_language_model(path: str | Path | None = None, *, verify: bool = True):
     import functools
     from unittest import mock
 
-    from tqdm.auto import tqdm
-
     import gguf
+    from tqdm.auto import tqdm
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
