@@ -64,7 +64,6 @@ lr_stage2 = 1.5e-3  # peak learning rate of stage 2 for LoRA
 lr_projector = 1.5e-3  # peak learning rate of stage 2 for the projector
 kv_tokens = 64  # tokens generated when timing the KV cache
 precision = "bf16"  # autocast in stages 1 and 2: "bf16" (also on a CPU, about 1.5x faster) or "fp32"
-train_attention = "eager"  # attention kernel in stages 1 and 2: "eager" (faster backward on a CPU) or "sdpa" (full: sdpa)
 cpu_threads = 0  # torch threads on a CPU (0: torch's default)
 
 # %%
@@ -100,7 +99,6 @@ if not isinstance(run_ablations, bool):
 utils.one_of("image_tokens", image_tokens, vlm.IMAGE_TOKENS)
 utils.one_of("projector_kind", projector_kind, vlm.PROJECTORS)
 utils.one_of("precision", precision, ("bf16", "fp32"))
-utils.one_of("train_attention", train_attention, ("eager", "sdpa"))
 if num_test < 8 or tower_dim % 4:
     raise ValueError(f"need num_test >= 8 and tower_dim divisible by 4, got {num_test}, {tower_dim}")
 mmcourse.seed_everything(seed)
@@ -297,7 +295,6 @@ def to_images(data):
 
 
 train_images, test_images = to_images(scenes), to_images(test)
-torch.manual_seed(seed)
 tower = vlm.VisionTower(vlm.TowerConfig(ViTConfig(dim=tower_dim, num_layers=4, num_heads=4), image_tokens=image_tokens))
 targets = vlm.region_targets(scenes["objects"])
 g = torch.Generator().manual_seed(seed)
@@ -352,32 +349,6 @@ assert all(labels[i] == vlm.IGNORE_INDEX for i, t in enumerate(ids) if t == imag
 #
 # LLaVA's first stage trains only $W$ on image-caption pairs, tower and LM frozen: the
 # projector learns to put images where the LM's words for them are.
-#
-# Every training step runs the 30 layers forward and back (the gradient has to reach the
-# image tokens at the bottom), so positions are what costs. One choice of kernel, timed in
-# the next cell: on a CPU the backward pass of the fused attention kernel is slower than
-# that of the textbook formula at these short lengths, so both stages train with
-# `attention="eager"` (the parameter `train_attention`; the tests check that the two
-# kernels agree in value and gradient). Under bf16 autocast they round differently, so a
-# run with one kernel is not bit for bit the run with the other.
-
-# %%
-block = copy.deepcopy(lm.layers[0]).requires_grad_(False)  # one frozen decoder layer
-x_ = torch.randn(batch_size, 48, lm.config.dim, device=device, requires_grad=True)  # (B, T, D)
-cos_, sin_ = lm.rope_cos[:48][None, None], lm.rope_sin[:48][None, None]
-allowed_ = torch.ones(48, 48, dtype=torch.bool, device=device).tril()[None, None]
-kernel_ms = {}
-for kind in ("sdpa", "eager", "sdpa", "eager"):  # the first two warm up
-    block.self_attn.attention = kind
-    t0 = time.perf_counter()
-    for _ in range(3):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            block(x_, cos=cos_, sin=sin_, allowed=allowed_)[0].float().sum().backward()
-    kernel_ms[kind] = (time.perf_counter() - t0) / 3 * 1e3
-print(f"one layer, batch {batch_size} x 48 tokens, forward + backward ({precision}): fused {kernel_ms['sdpa']:.0f} ms, "
-      f"textbook {kernel_ms['eager']:.0f} ms; training uses {train_attention!r}")
-del block, x_
-
 
 # %%
 def batches_of(chats, feats, size, *, seed_):
@@ -393,21 +364,13 @@ def batches_of(chats, feats, size, *, seed_):
                             group_by_length=False, share_prefix=True)
 
 
-def use_attention(lm_, kind):
-    """Switch every layer of an LM to the fused ("sdpa") or the textbook ("eager") attention."""
-    for layer_ in lm_.layers:
-        layer_.self_attn.attention = kind
-
-
 caption_chats = [[{"role": "system", "content": ""},
                   {"role": "user", "content": f"{vlm.IMAGE_PLACEHOLDER}\nDescribe the image briefly."},
                   {"role": "assistant", "content": c}] for c in scenes["canonical_caption"]]
 freeze(lm)
-use_attention(lm, train_attention)
 other_kind = next(k for k in vlm.PROJECTORS if k != projector_kind)
 stage1_projectors = {}  # projector kind -> its projector after stage 1
 for kind in [projector_kind] + [other_kind] * run_ablations:  # the projector ablation needs the other kind too
-    torch.manual_seed(seed)
     model = vlm.VisionLanguageModel(lm=lm, projector=vlm.make_projector(kind, in_dim=tower.dim, out_dim=lm.config.dim),
                                     image_token_id=image_id, num_image_tokens=n_img).to(device)
     start = time.perf_counter()
@@ -418,7 +381,6 @@ for kind in [projector_kind] + [other_kind] * run_ablations:  # the projector ab
         print(f"stage 1, {kind} projector: {stage1_steps} steps in {time.perf_counter() - start:.0f} s, caption loss "
               f"{s1.history[0]['loss']:.2f} -> {np.mean([h['loss'] for h in s1.history[-3:]]):.2f}")
     stage1_projectors[kind] = model.projector
-use_attention(lm, "sdpa")  # generation and the rest of the chapter run the fused kernel
 model = vlm.VisionLanguageModel(lm=lm, projector=stage1_projectors[projector_kind], image_token_id=image_id,
                                 num_image_tokens=n_img).to(device)
 
@@ -522,6 +484,7 @@ def text_log_probs():
 
 
 logp_before = text_log_probs()
+main_rng = torch.get_rng_state()  # the generator as stage 2 finds it
 general = vlm.generate_replies(model, tokenizer, text_chats[:2], max_new_tokens=16)  # one batch of two
 
 
@@ -535,7 +498,10 @@ def stage2(kind, seed_, *, stage1=True):
     drng = np.random.default_rng(seed_ + 3)
     mix = drng.choice(vlm.DIALOGUE_KINDS, size=num_train, p=[0.7, 0.15, 0.15])  # mostly short answers
     dialogues = [vlm.make_dialogue(o, k, drng) for o, k in zip(scenes["objects"], mix, strict=True)]
-    torch.manual_seed(seed_)
+    if seed_ == seed:
+        torch.set_rng_state(main_rng)  # every run with the chapter's seed starts LoRA from the same draw
+    else:
+        torch.manual_seed(seed_)
     if stage1:
         projector_ = copy.deepcopy(stage1_projectors[kind])
     else:
@@ -544,20 +510,21 @@ def stage2(kind, seed_, *, stage1=True):
     apply_lora(lm_, target_modules=vlm.LORA_TARGETS, r=lora_r, alpha=lora_alpha)
     model_ = vlm.VisionLanguageModel(lm=lm_, projector=projector_, image_token_id=image_id,
                                      num_image_tokens=n_img).to(device)
-    use_attention(lm_, train_attention)
     groups = [dict(g, lr=lr_stage2) for g in param_groups(lm_, 0.01)]
     groups += [dict(g, lr=lr_projector) for g in param_groups(projector_, 0.01)]
     result = fit(model_, batches_of(dialogues, train_feats, batch_size, seed_=seed_ + 4), loss_fn=vlm.vlm_loss,
                  optimizer=torch.optim.AdamW(groups),
                  config=TrainConfig(max_steps=stage2_steps, lr=lr_stage2, warmup_steps=3, precision=precision,
                                     device=str(device), progress=False))
-    use_attention(lm_, "sdpa")
     return model_.eval(), result, dialogues
 
 
 # %% [markdown]
 # `stage2` trains one run: LoRA (chapter 08) on all the LM's linear layers, the projector
 # from stage 1, the template dialogues above, `train.fit` with the loss on the answers only.
+# The projector and LoRA are two parameter groups with their own peak learning rates,
+# `lr_projector` and `lr_stage2` (equal at the default sizes; the projector is the only
+# path from the image into the LM, so it is the rate to turn first).
 # The first run, with the chapter's seed, is the model examined in the rest of the chapter;
 # `num_seeds` more than 1 adds runs with the next seeds.
 #
