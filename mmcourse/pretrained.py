@@ -340,6 +340,7 @@ def load_language_model(path: str | Path | None = None, *, verify: bool = True):
     import functools
     from unittest import mock
 
+    import gguf
     from tqdm.auto import tqdm
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
@@ -348,8 +349,27 @@ def load_language_model(path: str | Path | None = None, *, verify: bool = True):
     quiet = mock.patch(
         "transformers.modeling_gguf_pytorch_utils.tqdm", functools.partial(tqdm, disable=True)
     )
+    # Two savings that change no weight: transformers parses the file's metadata (the
+    # 49 k-token vocabulary, as numpy slices) three times - for the tokenizer, the config
+    # and the weights - so one reader serves all three; and it rebuilds gguf's tensor-name
+    # map once per module (about 400 times, the same map), so that map is built once.
+    open_reader = gguf.GGUFReader
+    readers: dict[str, gguf.GGUFReader] = {}
+
+    def reader(path, *args, **kwargs):
+        if args or kwargs:  # not the read-only, whole-file form transformers uses
+            return open_reader(path, *args, **kwargs)
+        key = str(path)
+        if key not in readers:
+            readers[key] = open_reader(path)
+        return readers[key]
+
+    one_reader = mock.patch.object(gguf, "GGUFReader", reader)
+    one_name_map = mock.patch.object(
+        gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+    )
     try:
-        with quiet:
+        with quiet, one_reader, one_name_map:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
             model = AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name, dtype=torch.float32

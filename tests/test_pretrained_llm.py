@@ -77,8 +77,22 @@ def test_hash_is_computed_once_per_process(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_model_loads_offline_with_its_chat_template():
+def test_real_model_loads_offline_with_its_chat_template(monkeypatch):
+    import gguf
+
+    opened = []
+    real_reader = gguf.GGUFReader
+
+    def counting_reader(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_reader(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
     tokenizer, model = load_language_model()
+    # the file's metadata is parsed once for the tokenizer, the config and the weights,
+    # and gguf is left as it was found
+    assert len(opened) == 1
+    assert gguf.GGUFReader is counting_reader
     config = model.config
     assert (config.num_hidden_layers, config.hidden_size) == (30, 576)
     assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
