@@ -686,22 +686,7 @@ class SequenceBatches:
             yield batch
 
 
-def sequence_batches(
-    inputs: Tensor,
-    encoded: dict[str, Tensor],
-    *,
-    batch_size: int,
-    num_batches: int | None = None,
-    seed: int = 0,
-    key: str = "images",
-) -> SequenceBatches:
-    """Shuffled, length-trimmed (image, sequence) batches: a :class:`SequenceBatches`.
-
-    Taught in notebooks/10_captioning_and_vqa.
-    """
-    return SequenceBatches(
-        inputs, encoded, batch_size=batch_size, num_batches=num_batches, seed=seed, key=key
-    )
+sequence_batches = SequenceBatches  # the name chapters 10 and 13 call it by
 
 
 def sequence_loss(model: Captioner, batch: dict[str, Tensor]) -> Tensor:
