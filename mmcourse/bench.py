@@ -87,7 +87,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from mmcourse.attention import MultiHeadAttention, fused_attention, scaled_dot_product_attention
-from mmcourse.contrastive import ClipLoss, clip_loss
+from mmcourse.contrastive import PairObjective, clip_loss
 from mmcourse.utils import get_device, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -444,7 +444,7 @@ class ClipTrainingResult:
     """Training throughput of our tiny CLIP and of transformers' CLIPModel of the same sizes."""
 
     batch: int  # B, pairs per optimiser step
-    ours_images_per_second: float  # TinyClip + ClipLoss
+    ours_images_per_second: float  # TinyClip (its own logit scale) + clip_loss
     transformers_images_per_second: float  # CLIPModel(return_loss=True)
     ours_parameters: int  # trainable parameters, the learned logit scale included
     transformers_parameters: int
@@ -514,7 +514,7 @@ def clip_training_throughput(
             text_heads=heads,
         )
     ).to(device)
-    ours_loss = ClipLoss().to(device)
+    ours_loss = PairObjective()  # clip_loss with the model's own logit scale
     shared = {
         "hidden_size": width,
         "intermediate_size": 4 * width,
@@ -542,15 +542,14 @@ def clip_training_throughput(
     input_ids = torch.cat([cls, words, sep], dim=1)  # (B, L)
     attention_mask = torch.ones_like(input_ids)
     text = {"input_ids": input_ids, "attention_mask": attention_mask}
-    ours_params = [*ours.parameters(), *ours_loss.parameters()]
-    ours_optimizer = torch.optim.AdamW(ours_params, lr=lr)
+    ours_optimizer = torch.optim.AdamW(ours.parameters(), lr=lr)
     theirs_optimizer = torch.optim.AdamW(theirs.parameters(), lr=lr)
     ours.train()
     theirs.train()
 
     def ours_step() -> None:
         ours_optimizer.zero_grad(set_to_none=True)
-        ours_loss(*ours(images, text)).backward()
+        ours_loss(ours, (images, text)).backward()
         ours_optimizer.step()
 
     def theirs_step() -> None:
@@ -574,7 +573,7 @@ def clip_training_throughput(
         batch=batch,
         ours_images_per_second=batch / times["ours"],
         transformers_images_per_second=batch / times["transformers"],
-        ours_parameters=sum(p.numel() for p in ours_params),
+        ours_parameters=sum(p.numel() for p in ours.parameters()),
         transformers_parameters=sum(p.numel() for p in theirs.parameters()),
     )
 

@@ -13,13 +13,17 @@ in seconds:
    and either a small BERT text tower trained from scratch (``TextEncoder``) or, for LiT,
    precomputed features of a frozen pretrained text tower (``text_tower="frozen"``),
    each followed by a linear projection to the shared space.
-3. ``train_clip``: AdamW on the towers and the loss's own parameters (the learned logit
-   scale, and SigLIP's bias), with bf16 autocast on CUDA.
+3. ``PairBatches`` and ``clip_recipe``: the shuffled pairs and CLIP's optimiser settings for
+   ``mmcourse.train.fit``, the course's one training loop, with
+   ``mmcourse.contrastive.PairObjective`` as its loss; the model owns its learned logit
+   scale (and SigLIP's bias), so AdamW trains it with the towers. ``train_pairs`` is that
+   ``fit`` call by name.
 4. ``encode_images`` / ``encode_texts``: batched, no-grad embedding for evaluation.
 5. ``FeatureClipConfig`` / ``FeatureClip``: MLP heads on cached features (pixel PCA, a bag of
    words or frozen text features), a CLIP that trains in a second for chapter 06's sweeps.
-6. ``zero_shot_scores`` (mean or max prompt ensembling), ``multi_positive_clip_loss`` and
-   ``duplicate_loss_floor``: what repeated captions do to the loss (false negatives).
+6. ``zero_shot_scores`` (mean or max prompt ensembling) and ``duplicate_loss_floor``: what
+   repeated captions do to the loss (false negatives; the remedy,
+   ``multi_positive_clip_loss``, lives with the other losses in ``mmcourse.contrastive``).
 
 Axis letters: B batch, N tokens, D tower width, E shared embedding width, F frozen text
 feature width (F_i, F_t: cached image / text features), V vocabulary, H hidden width, C
@@ -33,24 +37,26 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from mmcourse.contrastive import PairObjective
 from mmcourse.encoders import TextEncoder, TextEncoderConfig, ViTConfig, ViTEncoder
 from mmcourse.modalities import LogitScale
 from mmcourse.pretrained import mean_pooling
-from mmcourse.utils import non_negative_int, one_of, positive_float, positive_int
+from mmcourse.train import FitResult, ShuffledBatches, TrainConfig, fit
+from mmcourse.utils import non_negative_int, one_of, positive_int
 
 logger = logging.getLogger(__name__)
 
 # --- 1. a word-level tokenizer ------------------------------------------------------------
 
+MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on s = 1 / tau
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, as in BERT's order
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
@@ -169,9 +175,12 @@ class TinyClipConfig:
     text_heads: int = 4  # attention heads of the from-scratch text tower
     text_feature_dim: int = 384  # F: width of the frozen tower's features (MiniLM: 384)
     dropout: float = 0.0  # dropout inside both towers
+    logit_scale_init: float = 1 / 0.07  # s = 1 / tau at the start (CLIP: 1 / 0.07; SigLIP: 10)
+    logit_bias_init: float | None = None  # SigLIP's learned bias b (paper: -10); None: no bias
 
     def __post_init__(self) -> None:
         positive_int(embed_dim=self.embed_dim, max_text_length=self.max_text_length)
+        _check_temperature(self.logit_scale_init, self.logit_bias_init)
         one_of("text_tower", self.text_tower, ("scratch", "frozen"))
         if self.text_tower == "scratch" and self.vocab_size < len(SPECIAL_TOKENS) + 1:
             raise ValueError(
@@ -208,6 +217,20 @@ class TinyClipConfig:
         )
 
 
+def _check_temperature(scale_init: float, bias_init: float | None) -> None:
+    if not 0 < scale_init <= MAX_LOGIT_SCALE:
+        raise ValueError(f"logit_scale_init must be in (0, {MAX_LOGIT_SCALE}], got {scale_init!r}")
+    if bias_init is not None and not math.isfinite(bias_init):
+        raise ValueError(f"logit_bias_init must be a finite number or None, got {bias_init!r}")
+
+
+def _add_temperature(model: nn.Module, scale_init: float, bias_init: float | None) -> None:
+    """The model's own learned logit scale s (as ln s, clamped at 100) and optional bias b."""
+    model.logit_scale = LogitScale(init=scale_init, max_scale=MAX_LOGIT_SCALE)
+    bias = None if bias_init is None else nn.Parameter(torch.tensor(float(bias_init)))
+    model.register_parameter("logit_bias", bias)
+
+
 def _check_text(text: dict[str, Tensor] | Tensor, *, feature_dim: int | None) -> None:
     """Captions must be (B, feature_dim) frozen features, or, when ``feature_dim`` is None,
     the tokenizer's dict with ``input_ids`` (and ``attention_mask``)."""
@@ -229,7 +252,9 @@ class TinyClip(nn.Module):
     """Image tower + text tower, each with a bias-free linear projection to the shared space.
 
     ``encode_image`` and ``encode_text`` return *unnormalised* (B, E) embeddings, as
-    ``transformers``' ``CLIPModel.get_image_features``; the losses normalise them.
+    ``transformers``' ``CLIPModel.get_image_features``; the losses normalise them. The model
+    owns its learned temperature, ``logit_scale()`` = s = 1 / tau (and ``logit_bias`` b for
+    SigLIP, else None), as ``CLIPModel`` and open_clip do.
 
     Taught in notebooks/06_contrastive_learning_and_clip.
     """
@@ -246,6 +271,7 @@ class TinyClip(nn.Module):
             self.text_encoder = None
             text_width = config.text_feature_dim
         self.text_projection = nn.Linear(text_width, config.embed_dim, bias=False)
+        _add_temperature(self, config.logit_scale_init, config.logit_bias_init)
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) images in [0, 1] -> (B, E): the [CLS] token, projected."""
@@ -284,7 +310,11 @@ def _index_text(text: dict[str, Tensor] | Tensor, index: Tensor) -> dict[str, Te
     """Rows ``index`` of a tokenizer dict or a feature tensor, trimmed of all-padding columns."""
     if isinstance(text, Tensor):
         return text[index]
-    rows = {key: value[index] for key, value in text.items()}
+    return _trim({key: value[index] for key, value in text.items()})
+
+
+def _trim(rows: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Cut a batch of the tokenizer's (B, N) tensors to its longest caption."""
     if "attention_mask" in rows:
         width = max(1, int(rows["attention_mask"].sum(1).max()))
         rows = {key: value[:, :width] for key, value in rows.items()}
@@ -301,173 +331,130 @@ def _num_rows(text: dict[str, Tensor] | Tensor) -> int:
     return len(text) if isinstance(text, Tensor) else len(text["input_ids"])
 
 
-@dataclass
-class ClipTrainConfig:
-    """How ``train_clip`` trains; the defaults suit the tiny CLIP on Shapes.
+class PairBatches:
+    """Shuffled batches of (image, caption) pairs for :func:`mmcourse.train.fit`.
+
+    The rows come from :class:`mmcourse.train.ShuffledBatches` (the course's one epoch
+    sampler: a fresh seeded permutation per epoch, the last partial batch dropped, made when
+    iterated); token captions are cut to the longest one in the batch. Pass the batches
+    with ``loss_fn=mmcourse.contrastive.PairObjective()``.
+
+    Args:
+        images: (N, 3, S, S) images, or (N, F_i) features for a :class:`FeatureClip`.
+        text: the N captions: the tokenizer's dict of (N, L) tensors, or (N, F) features.
+        labels: optional (N,) ids, equal for interchangeable captions; each batch then
+            carries them third, for the multi-positive loss.
+        batch_size: B, pairs per step (B - 1 negatives for every pair).
+        num_batches: batches in one pass (``fit`` cycles them); ``None``: one epoch.
+        seed: seed of the permutations.
+
+    Yields:
+        ``(images, text)`` or ``(images, text, labels)``, B rows each.
 
     Taught in notebooks/06_contrastive_learning_and_clip.
     """
 
-    steps: int = 800  # optimiser steps
-    batch_size: int = 128  # B: pairs per step, i.e. B - 1 negatives for every pair
-    lr: float = 3e-3  # AdamW peak learning rate (linear warm-up, then cosine to 0)
-    warmup_steps: int = 20  # steps of linear warm-up
-    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on the logit scale or bias)
-    grad_clip: float = 1.0  # max global gradient norm
-    seed: int = 0  # batch order
-    progress: bool = True  # show a tqdm progress bar
+    def __init__(
+        self,
+        images: Tensor,
+        text: dict[str, Tensor] | Tensor,
+        *,
+        labels: Tensor | None = None,
+        batch_size: int,
+        num_batches: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        n = len(images)
+        if _num_rows(text) != n:
+            raise ValueError(
+                f"need one caption per image, got {n} images and {_num_rows(text)} texts"
+            )
+        if labels is not None and labels.shape != (n,):
+            raise ValueError(f"expected labels of shape ({n},), got {tuple(labels.shape)}")
+        self.names = None if isinstance(text, Tensor) else list(text)
+        columns = [text] if isinstance(text, Tensor) else list(text.values())
+        extra = [] if labels is None else [labels]
+        self.rows = ShuffledBatches(
+            images, *columns, *extra, batch_size=batch_size, num_batches=num_batches, seed=seed
+        )
+        self.has_labels = labels is not None
 
-    def __post_init__(self) -> None:
-        positive_int(steps=self.steps, batch_size=self.batch_size)
-        non_negative_int(warmup_steps=self.warmup_steps, seed=self.seed)
-        positive_float(lr=self.lr, grad_clip=self.grad_clip)
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for images, *columns in self.rows:
+            labels = [columns.pop()] if self.has_labels else []
+            if self.names is None:
+                text: dict[str, Tensor] | Tensor = columns[0]
+            else:
+                text = _trim(dict(zip(self.names, columns, strict=True)))
+            yield (images, text, *labels)
 
 
-@dataclass
-class ClipHistory:
-    """What ``train_clip`` records at every step."""
+def clip_recipe(max_steps: int = 800, **overrides: Any) -> TrainConfig:
+    """CLIP's optimisation as a :class:`~mmcourse.train.TrainConfig` for ``fit``.
 
-    loss: list[float] = field(default_factory=list)  # the training loss
-    logit_scale: list[float] = field(default_factory=list)  # s = 1 / tau, if the loss has one
-    seconds: float = 0.0  # wall time of the loop
-    pairs_per_second: float = 0.0  # training throughput
+    AdamW at a peak lr of 3e-3, decoupled weight decay 0.05 on the matrices only (not on
+    biases, norms or the logit scale), 20 steps of linear warm-up (at most ``max_steps``),
+    then a cosine to 0;
+    gradients clipped at norm 1; no evaluation during training, no progress bar. Any
+    other :class:`~mmcourse.train.TrainConfig` field can be overridden, e.g.
+    ``clip_recipe(300, lr=1e-2, device="cuda")``; the batch order's seed belongs to
+    :class:`PairBatches`.
 
-
-def adamw_warmup_cosine(
-    params: Iterable[nn.Parameter],
-    *,
-    lr: float,
-    weight_decay: float,
-    warmup_steps: int,
-    total_steps: int,
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with a linear warm-up, then a cosine decay to 0: CLIP's recipe.
-
-    Weight decay applies to matrices only, not to biases, norm scales or a logit scale
-    (1-D and 0-D parameters); parameters with ``requires_grad=False`` are left out.
-    Chapter 08 (``mmcourse.train``) builds the general version of this.
-
-    Args:
-        params: the parameters to train, e.g. the towers' and the loss's.
-        lr: the peak learning rate.
-        weight_decay: AdamW's decoupled weight decay on the matrices.
-        warmup_steps: steps of linear warm-up, lr * (step + 1) / warmup_steps.
-        total_steps: the step at which the cosine reaches 0.
-
-    Returns:
-        ``(optimizer, scheduler)``; call ``scheduler.step()`` after every ``optimizer.step()``.
+    Taught in notebooks/06_contrastive_learning_and_clip.
     """
-    trainable = [p for p in params if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=lr,
-    )
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    settings: dict[str, Any] = {
+        "lr": 3e-3,
+        "weight_decay": 0.05,
+        "warmup_steps": min(20, max_steps),
+        "eval_every": max_steps,
+        "progress": False,
+    }
+    settings.update(overrides)
+    return TrainConfig(max_steps=max_steps, **settings)
 
 
-def train_clip(
-    model: TinyClip | FeatureClip,
-    loss_fn: nn.Module,
+def train_pairs(
+    model: nn.Module,
     images: Tensor,
     text: dict[str, Tensor] | Tensor,
     *,
-    config: ClipTrainConfig | None = None,
-    device: torch.device | str | None = None,
+    steps: int,
+    batch_size: int,
     labels: Tensor | None = None,
-) -> ClipHistory:
-    """Train ``model`` (and ``loss_fn``'s parameters, e.g. the logit scale) on pairs.
+    loss: Callable[..., Tensor] | None = None,
+    seed: int = 0,
+    **recipe: Any,
+) -> FitResult:
+    """One ``fit`` call that trains a two-tower model on (image, caption) pairs.
 
-    Each step draws B pairs without replacement (a fresh permutation per epoch) and
-    minimises ``loss_fn(image_embeds, text_embeds)``, e.g. ``ClipLoss()`` or ``SigLipLoss()``.
-    AdamW with warm-up and cosine decay; on CUDA the towers run under bf16 autocast while the
-    loss is computed in float32.
+    Exactly ``fit(model, PairBatches(images, text, labels=labels, batch_size=batch_size,
+    seed=seed), loss_fn=PairObjective(loss), config=clip_recipe(steps, **recipe),
+    log_fn=record_logit_scale)``: the loop is :func:`mmcourse.train.fit`; this only names
+    the call the chapters repeat. Each history row holds the step's ``loss`` and
+    ``logit_scale``.
 
-    Args:
-        model: the :class:`TinyClip` (or :class:`FeatureClip`) to train, moved to ``device``.
-        loss_fn: a module mapping (B, E), (B, E) to a scalar; its parameters train too.
-        images: (N, 3, S, S) float images (for a :class:`FeatureClip`, (N, F_i) features).
-        text: the N captions, as the tokenizer's dict of (N, L) tensors or (N, F) features.
-        config: :class:`ClipTrainConfig`; the defaults if None.
-        device: where to train; the model's current device if None.
-        labels: optional (N,) ids passed to the loss as a third argument,
-            ``loss_fn(image_embeds, text_embeds, labels[batch])``, e.g. for
-            :class:`MultiPositiveClipLoss` (equal ids = interchangeable captions).
-
-    Returns:
-        :class:`ClipHistory`. The model is left in eval mode.
+    Taught in notebooks/06_contrastive_learning_and_clip; reused by 07, 12-14.
     """
-    config = ClipTrainConfig() if config is None else config
-    n = len(images)
-    if _num_rows(text) != n:
-        raise ValueError(f"need one caption per image, got {n} images and {_num_rows(text)} texts")
-    if config.batch_size > n:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the {n} training pairs")
-    if labels is not None and labels.shape != (n,):
-        raise ValueError(f"expected labels of shape ({n},), got {tuple(labels.shape)}")
-    device = next(model.parameters()).device if device is None else torch.device(device)
-    model.to(device).train()
-    loss_fn.to(device).train()
-    optimizer, scheduler = adamw_warmup_cosine(
-        [*model.parameters(), *loss_fn.parameters()],
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.steps,
+    batches = PairBatches(images, text, labels=labels, batch_size=batch_size, seed=seed)
+    return fit(
+        model,
+        batches,
+        loss_fn=PairObjective(loss),
+        config=clip_recipe(steps, **recipe),
+        log_fn=record_logit_scale,
     )
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(n, generator=generator)
-    cursor = 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    history = ClipHistory()
-    start = time.perf_counter()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for _ in tqdm(range(config.steps), desc="CLIP", disable=not config.progress, leave=False):
-        if cursor + config.batch_size > n:  # next epoch
-            order, cursor = torch.randperm(n, generator=generator), 0
-        index = order[cursor : cursor + config.batch_size]
-        cursor += config.batch_size
-        batch_images = images[index].to(device, non_blocking=True)
-        batch_text = _to(_index_text(text, index), device)
-        with autocast:
-            image_embeds, text_embeds = model(batch_images, batch_text)
-        if labels is None:
-            loss = loss_fn(image_embeds.float(), text_embeds.float())
-        else:
-            loss = loss_fn(image_embeds.float(), text_embeds.float(), labels[index].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        history.loss.append(loss.item())
-        scale = getattr(loss_fn, "logit_scale", None)
-        if scale is not None:
-            history.logit_scale.append(float(scale().detach() if callable(scale) else scale))
-    history.seconds = time.perf_counter() - start
-    history.pairs_per_second = config.steps * config.batch_size / history.seconds
-    model.eval()
-    loss_fn.eval()
-    logger.info(
-        "trained CLIP for %d steps in %.1f s, final loss %.3f",
-        config.steps,
-        history.seconds,
-        history.loss[-1],
-    )
-    return history
+
+
+def record_logit_scale(model: nn.Module) -> dict[str, float]:
+    """``fit``'s ``log_fn`` that records s = 1 / tau (and SigLIP's b) at every step."""
+    owner = getattr(model, "module", model)
+    row = {"logit_scale": float(owner.logit_scale().detach())}
+    if getattr(owner, "logit_bias", None) is not None:
+        row["logit_bias"] = float(owner.logit_bias.detach())
+    return row
 
 
 # --- 4. embedding for evaluation ---------------------------------------------------------
@@ -517,8 +504,11 @@ class FeatureClipConfig:
     text_feature_dim: int = 0  # F_t > 0 instead: precomputed (frozen) text features, e.g. MiniLM
     hidden_dim: int = 256  # H: hidden width of both heads
     embed_dim: int = 64  # E: width of the shared embedding space
+    logit_scale_init: float = 1 / 0.07  # s = 1 / tau at the start (CLIP: 1 / 0.07; SigLIP: 10)
+    logit_bias_init: float | None = None  # SigLIP's learned bias b (paper: -10); None: no bias
 
     def __post_init__(self) -> None:
+        _check_temperature(self.logit_scale_init, self.logit_bias_init)
         positive_int(
             image_feature_dim=self.image_feature_dim,
             hidden_dim=self.hidden_dim,
@@ -539,8 +529,8 @@ class FeatureClip(nn.Module):
     The image head maps (B, F_i) features to (B, E); the text head is either a bag of words
     (the mean of learned word vectors over the caption's tokens, then an MLP) or an MLP on
     (B, F_t) frozen features. It has the same ``encode_image`` / ``encode_text`` / ``forward``
-    as :class:`TinyClip`, so :func:`train_clip`, :func:`encode_images` and
-    :func:`encode_texts` take it too (with features in place of images).
+    and learned temperature as :class:`TinyClip`, so :class:`PairBatches`,
+    :func:`encode_images` and :func:`encode_texts` take it too (features in place of images).
 
     Taught in notebooks/06_contrastive_learning_and_clip.
     """
@@ -560,6 +550,7 @@ class FeatureClip(nn.Module):
             self.text_head = nn.Sequential(
                 nn.Linear(config.text_feature_dim, H), nn.GELU(), nn.Linear(H, E)
             )
+        _add_temperature(self, config.logit_scale_init, config.logit_bias_init)
 
     def encode_image(self, features: Tensor) -> Tensor:
         """(B, F_i) image features -> (B, E)."""
@@ -628,73 +619,6 @@ def zero_shot_scores(
         classes = F.normalize(prompt_embeds.mean(dim=1), dim=-1)  # (C, E)
         return image_embeds @ classes.T  # (N, C)
     return torch.einsum("ne,cte->nct", image_embeds, prompt_embeds).amax(dim=-1)  # (N, C)
-
-
-def multi_positive_clip_loss(
-    image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | float, labels: Tensor
-) -> Tensor:
-    """The CLIP loss with every pair of equal ``labels`` counted as a positive.
-
-    The identity targets of ``clip_loss`` say that caption j is wrong for image i even when
-    caption j == caption i (a *false negative*). Here the target of row i is spread evenly
-    over the columns with ``labels[j] == labels[i]`` (the soft target of SupCon-style,
-    label-aware contrastive losses), in both directions:
-
-        q_ij = [y_i = y_j] / sum_k [y_i = y_k],   L = -(1/2B) sum_ij q_ij (log p_ij + log p'_ij)
-
-    with p = softmax over the rows of ``s u v^T`` and p' over its columns. With all labels
-    distinct it equals ``clip_loss``.
-
-    Args:
-        image_embeds: (B, D) image embeddings (need not be normalised).
-        text_embeds: (B, D) text embeddings; row i matches ``image_embeds`` row i.
-        logit_scale: s = 1 / tau, already exponentiated.
-        labels: (B,) integer ids; equal ids mark interchangeable captions (e.g. the same text).
-
-    Returns:
-        The scalar loss.
-
-    Taught in notebooks/06_contrastive_learning_and_clip.
-    """
-    if image_embeds.dim() != 2 or image_embeds.shape != text_embeds.shape:
-        raise ValueError(
-            "expected two (B, D) embedding batches of the same shape, got "
-            f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
-        )
-    if labels.shape != (image_embeds.shape[0],):
-        raise ValueError(
-            f"expected labels of shape ({image_embeds.shape[0]},), got {tuple(labels.shape)}"
-        )
-    image_embeds = F.normalize(image_embeds, dim=-1)
-    text_embeds = F.normalize(text_embeds, dim=-1)
-    logits = logit_scale * image_embeds @ text_embeds.T  # (B, B)
-    same = (labels[:, None] == labels[None, :]).to(logits.dtype)  # (B, B), symmetric
-    targets = same / same.sum(dim=1, keepdim=True)  # (B, B), rows sum to 1
-    image_to_text = -(targets * logits.log_softmax(dim=1)).sum(dim=1)  # (B,)
-    text_to_image = -(targets * logits.T.log_softmax(dim=1)).sum(dim=1)  # (B,)
-    return (image_to_text.mean() + text_to_image.mean()) / 2
-
-
-class MultiPositiveClipLoss(nn.Module):
-    """:func:`multi_positive_clip_loss` with CLIP's learned, clamped logit scale.
-
-    Called as ``loss_fn(image_embeds, text_embeds, labels)``; ``train_clip(..., labels=...)``
-    passes each batch's labels.
-
-    Args:
-        init_scale: initial s = 1 / tau (CLIP: 1 / 0.07), stored as ln(s).
-        max_scale: clamp on s (CLIP: 100).
-
-    Taught in notebooks/06_contrastive_learning_and_clip.
-    """
-
-    def __init__(self, *, init_scale: float = 1 / 0.07, max_scale: float = 100.0) -> None:
-        super().__init__()
-        self.logit_scale = LogitScale(init=init_scale, max_scale=max_scale)
-
-    def forward(self, image_embeds: Tensor, text_embeds: Tensor, labels: Tensor) -> Tensor:
-        """Args: (B, D), (B, D) embeddings and (B,) labels. Returns: the scalar loss."""
-        return multi_positive_clip_loss(image_embeds, text_embeds, self.logit_scale(), labels)
 
 
 def duplicate_loss_floor(labels: Tensor) -> float:

@@ -12,12 +12,14 @@ The module reads top to bottom like chapter 06:
 
 1. ``info_nce``: one direction, the source's (004 §4.2.1) formula with the normalisation and
    the temperature made explicit;
-2. ``clip_loss`` / ``ClipLoss``: the symmetric version with a learned, clamped logit scale;
+2. ``clip_loss`` / ``ClipLoss``: the symmetric version, the logit scale s given by the model
+   (``multi_positive_clip_loss``: the same with repeated captions counted as positives);
 3. ``soft_target_clip_loss``: the source's (004 §4.2.2) ``CLIPLoss``, kept ONLY as the
    "Common pitfall" to show why it is wrong;
 4. ``siglip_loss`` / ``SigLipLoss``: the sigmoid pairwise loss;
 5. ``gather_features`` / ``distributed_clip_loss``: the same loss over a batch split across
-   processes (as open_clip), separate from the single-device formula;
+   processes (as open_clip), separate from the single-device formula; ``PairObjective``:
+   the loss of one batch of a model that owns its scale, for ``mmcourse.train.fit``;
 6. ``zero_shot_classifier`` / ``zero_shot_predict`` and ``retrieval_metrics``: how a trained
    pair of towers is used and measured.
 
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmcourse.modalities import LogitScale  # re-exported: chapter 06 imports it from here
+from mmcourse.modalities import LogitScale  # noqa: F401 (re-exported: chapter 06 imports it here)
 
 
 def _check_embeddings(**named: Tensor) -> None:
@@ -163,16 +165,57 @@ def clip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | f
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-class ClipLoss(nn.Module):
-    """The CLIP loss with its own learned logit scale, on one device or across processes.
+def multi_positive_clip_loss(
+    image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | float, labels: Tensor
+) -> Tensor:
+    """The CLIP loss with every pair of equal ``labels`` counted as a positive.
 
-    With ``world_size == 1`` (the default) this is ``clip_loss(u, v, logit_scale())`` and
-    never touches ``torch.distributed``. With ``world_size > 1`` each process passes its
-    local (B, D) batch and the features are gathered first (see ``distributed_clip_loss``).
+    The identity targets of ``clip_loss`` say that caption j is wrong for image i even when
+    caption j == caption i (a *false negative*). Here the target of row i is spread evenly
+    over the columns with ``labels[j] == labels[i]`` (the soft target of SupCon-style,
+    label-aware contrastive losses), in both directions:
+
+        q_ij = [y_i = y_j] / sum_k [y_i = y_k],   L = -(1/2B) sum_ij q_ij (log p_ij + log p'_ij)
+
+    with p = softmax over the rows of ``s u v^T`` and p' over its columns. With all labels
+    distinct it equals ``clip_loss``.
 
     Args:
-        init_scale: initial s = 1 / tau (CLIP: 1 / 0.07), stored as ln(s).
-        max_scale: clamp on s (CLIP: 100).
+        image_embeds: (B, D) image embeddings (need not be normalised).
+        text_embeds: (B, D) text embeddings; row i matches ``image_embeds`` row i.
+        logit_scale: s = 1 / tau, already exponentiated.
+        labels: (B,) integer ids; equal ids mark interchangeable captions (e.g. the same text).
+
+    Returns:
+        The scalar loss.
+
+    Taught in notebooks/06_contrastive_learning_and_clip.
+    """
+    _check_pair(image_embeds, text_embeds)
+    if labels.shape != (image_embeds.shape[0],):
+        raise ValueError(
+            f"expected labels of shape ({image_embeds.shape[0]},), got {tuple(labels.shape)}"
+        )
+    image_embeds = F.normalize(image_embeds, dim=-1)
+    text_embeds = F.normalize(text_embeds, dim=-1)
+    logits = logit_scale * image_embeds @ text_embeds.T  # (B, B)
+    same = (labels[:, None] == labels[None, :]).to(logits.dtype)  # (B, B), symmetric
+    targets = same / same.sum(dim=1, keepdim=True)  # (B, B), rows sum to 1
+    image_to_text = -(targets * logits.log_softmax(dim=1)).sum(dim=1)  # (B,)
+    text_to_image = -(targets * logits.T.log_softmax(dim=1)).sum(dim=1)  # (B,)
+    return (image_to_text.mean() + text_to_image.mean()) / 2
+
+
+class ClipLoss(nn.Module):
+    """The CLIP loss on one device or across processes; the model owns the logit scale.
+
+    ``loss(u, v, logit_scale)`` is ``clip_loss(u, v, logit_scale)`` with ``world_size == 1``
+    (the default, which never touches ``torch.distributed``), and
+    ``multi_positive_clip_loss`` when each pair's ``labels`` are passed too. With
+    ``world_size > 1`` each process passes its local (B, D) batch and the features are
+    gathered first (see ``distributed_clip_loss``).
+
+    Args:
         local_loss: distributed only; compute the loss for the local rows against all
             columns (O(B G) memory) instead of the full (G, G) matrix on every process.
         gather_with_grad: distributed only; let gradients flow back through the gather.
@@ -184,8 +227,6 @@ class ClipLoss(nn.Module):
     def __init__(
         self,
         *,
-        init_scale: float = 1 / 0.07,
-        max_scale: float = 100.0,
         local_loss: bool = False,
         gather_with_grad: bool = False,
         rank: int = 0,
@@ -194,20 +235,29 @@ class ClipLoss(nn.Module):
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, {world_size=}")
-        self.logit_scale = LogitScale(init=init_scale, max_scale=max_scale)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.rank = rank
         self.world_size = world_size
 
-    def forward(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-        """Args: image_embeds, text_embeds: (B, D) local batches. Returns: the scalar loss."""
+    def forward(
+        self,
+        image_embeds: Tensor,
+        text_embeds: Tensor,
+        logit_scale: Tensor | float,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """Args: (B, D) local batches, s = 1 / tau, optional (B,) labels. Returns: the loss."""
+        if labels is not None:
+            if self.world_size > 1:
+                raise ValueError("labels (the multi-positive loss) need world_size == 1")
+            return multi_positive_clip_loss(image_embeds, text_embeds, logit_scale, labels)
         if self.world_size == 1:
-            return clip_loss(image_embeds, text_embeds, self.logit_scale())
+            return clip_loss(image_embeds, text_embeds, logit_scale)
         return distributed_clip_loss(
             image_embeds,
             text_embeds,
-            self.logit_scale(),
+            logit_scale,
             local_loss=self.local_loss,
             gather_with_grad=self.gather_with_grad,
             rank=self.rank,
@@ -298,25 +348,21 @@ def siglip_loss(
 
 
 class SigLipLoss(nn.Module):
-    """The SigLIP loss with its learned scale (as a log) and bias.
+    """The SigLIP loss as a module: ``loss(u, v, logit_scale, logit_bias)``.
 
-    Args:
-        init_scale: initial s (paper: 10, i.e. t' = log 10).
-        init_bias: initial b (paper: -10).
-        max_scale: clamp on s (the paper states none; open_clip clamps every logit scale at
-            100 in its training loop, and so do we).
+    The model owns the learned scale s (as a log; the paper's init 10) and bias b (init
+    -10), as ``transformers``' ``SiglipModel`` does; see :class:`PairObjective`.
     """
 
-    def __init__(
-        self, *, init_scale: float = 10.0, init_bias: float = -10.0, max_scale: float = 100.0
-    ) -> None:
-        super().__init__()
-        self.logit_scale = LogitScale(init=init_scale, max_scale=max_scale)
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
-
-    def forward(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-        """Args: image_embeds, text_embeds: (B, D). Returns: the scalar loss."""
-        return siglip_loss(image_embeds, text_embeds, self.logit_scale(), self.logit_bias)
+    def forward(
+        self,
+        image_embeds: Tensor,
+        text_embeds: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | float,
+    ) -> Tensor:
+        """Args: image_embeds, text_embeds: (B, D); s and b. Returns: the scalar loss."""
+        return siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias)
 
 
 # --- 5. Distributed: gather the batch from every process, then the same loss -----------
@@ -457,6 +503,46 @@ def distributed_clip_loss(
     return (
         F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
     ) / 2
+
+
+# --- 5b. The loss of one batch, for mmcourse.train.fit -----------------------------------
+
+
+class PairObjective:
+    """``fit``'s ``loss_fn`` for a two-tower model that owns its logit scale (and bias).
+
+    A batch is ``(images, text)``, or ``(images, text, labels)`` for the multi-positive
+    loss. The towers run (under ``fit``'s autocast); the loss runs in float32 on their
+    (B, E) embeddings with the model's ``logit_scale()`` (open_clip's and ``transformers``'
+    ``CLIPModel``'s design: the temperature is a weight of the model, saved and
+    all-reduced with the rest), plus its ``logit_bias`` for SigLIP. Under DDP the wrapped
+    model's own module provides them.
+
+    Args:
+        loss: :class:`ClipLoss` (the default; its distributed options included),
+            :class:`SigLipLoss`, or any ``(u, v, logit_scale, *labels) -> scalar`` callable.
+
+    Taught in notebooks/06_contrastive_learning_and_clip; reused by 07, 12-15.
+    """
+
+    def __init__(self, loss: Callable[..., Tensor] | None = None) -> None:
+        self.loss = ClipLoss() if loss is None else loss
+
+    def __call__(self, model: nn.Module, batch: Sequence) -> Tensor:
+        images, text, *labels = batch
+        image_embeds, text_embeds = model(images, text)  # (B, E) each
+        owner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+        scale = owner.logit_scale()
+        with torch.autocast(image_embeds.device.type, enabled=False):  # the loss in float32
+            u, v = image_embeds.float(), text_embeds.float()
+            if isinstance(self.loss, SigLipLoss):
+                if getattr(owner, "logit_bias", None) is None:
+                    raise ValueError(
+                        "SigLipLoss needs a model with a learned logit bias: build it with "
+                        "logit_bias_init (the paper's -10) and logit_scale_init=10"
+                    )
+                return self.loss(u, v, scale, owner.logit_bias, *labels)
+            return self.loss(u, v, scale, *labels)
 
 
 # --- 6. Using the towers: zero-shot classification and retrieval -----------------------

@@ -22,7 +22,7 @@ weights; ``result.json`` holds the per-step losses and a checksum of the final w
 the two runs agree to float precision. Options (``--help`` lists them all): ``--lr``,
 ``--seed``, ``--num-pairs``, ``--width``, ``--layers``, ``--heads``, ``--loss clip|siglip``,
 ``--[no-]local-loss``, ``--[no-]gather-with-grad``, ``--device auto|cpu|cuda``,
-``--precision auto|fp32|bf16``, ``--threads``, ``--log-every``. On CPUs the processes talk
+``--precision auto|fp32|bf16``, ``--threads``. On CPUs the processes talk
 over ``gloo``; on GPUs over ``nccl``, one GPU per process (``cuda:LOCAL_RANK``).
 
 The module reads top to bottom like chapter 15:
@@ -31,7 +31,9 @@ The module reads top to bottom like chapter 15:
    from torchrun's environment (or none, for one process);
 2. ``global_batch_indices`` / ``split_global_batch``: the same global batches on every
    process, each taking its contiguous slice;
-3. ``ClipWithLoss`` / ``train_clip_distributed``: the DDP training loop;
+3. ``LocalBatches``: this process's slices, for ``mmcourse.train.fit`` - the course's one
+   training loop, run on every process with the model wrapped in DDP (which all-reduces
+   the gradients, the model's logit scale included) and ``contrastive.PairObjective``;
 4. ``distributed_siglip_loss`` / ``DistributedSigLipLoss``: SigLIP over gathered texts;
 5. ``ScalingConfig`` / ``run_clip_training`` / ``main``: the command line.
 
@@ -49,7 +51,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,15 +60,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmcourse.clip import (
-    ClipTrainConfig,
-    TinyClip,
-    TinyClipConfig,
-    WordTokenizer,
-    adamw_warmup_cosine,
+from mmcourse.clip import TinyClip, TinyClipConfig, WordTokenizer, record_logit_scale
+from mmcourse.contrastive import (
+    ClipLoss,
+    PairObjective,
+    SigLipLoss,
+    gather_features,
+    siglip_loss,
 )
-from mmcourse.contrastive import ClipLoss, SigLipLoss, gather_features, siglip_loss
-from mmcourse.train import to_device
+from mmcourse.train import ShuffledBatches, TrainConfig, fit
 from mmcourse.utils import get_device, non_negative_int, one_of, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -188,8 +189,9 @@ def global_batch_indices(
 ) -> Iterator[Tensor]:
     """Yield the G pair indices of each step's global batch, the same on every process.
 
-    The order of ``mmcourse.clip.train_clip``: a fresh permutation of the N pairs per epoch
-    (from a generator seeded with ``seed``), cut into consecutive batches, the tail dropped.
+    The order of :class:`mmcourse.train.ShuffledBatches` (and so of chapter 06's
+    ``PairBatches``): a fresh permutation of the N pairs per epoch (from a generator seeded
+    with ``seed``), cut into consecutive batches, the tail dropped.
     Every process draws the identical sequence because it uses the same seed; what differs
     is only the slice it keeps (:func:`split_global_batch`).
 
@@ -206,13 +208,9 @@ def global_batch_indices(
     non_negative_int(seed=seed)
     if batch_size > num_pairs:
         raise ValueError(f"batch_size={batch_size} is larger than the {num_pairs} pairs")
-    generator = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(num_pairs, generator=generator), 0
-    for _ in range(steps):
-        if cursor + batch_size > num_pairs:  # next epoch
-            order, cursor = torch.randperm(num_pairs, generator=generator), 0
-        yield order[cursor : cursor + batch_size]
-        cursor += batch_size
+    pairs = torch.arange(num_pairs)
+    for (index,) in ShuffledBatches(pairs, batch_size=batch_size, num_batches=steps, seed=seed):
+        yield index
 
 
 def split_global_batch(index: Tensor, *, rank: int, world_size: int) -> Tensor:
@@ -247,45 +245,64 @@ def split_global_batch(index: Tensor, *, rank: int, world_size: int) -> Tensor:
 # --- 3. the DDP training loop ------------------------------------------------------------
 
 
-class ClipWithLoss(nn.Module):
-    """The towers and the loss in one module, so that DDP also averages the loss's parameters.
+class LocalBatches:
+    """This process's slices of the global batches, ready for :func:`mmcourse.train.fit`.
 
-    ``ClipLoss`` owns the learned logit scale; wrapping model and loss together lets
-    ``DistributedDataParallel`` all-reduce its gradient like any weight's. Under CUDA the
-    towers run in bf16 autocast when ``bf16`` is set; the loss is always float32.
+    Every process iterates the same global batches (:func:`global_batch_indices`) and keeps
+    its contiguous slice (:func:`split_global_batch`); captions keep their full padded
+    width, so that every process and the one-process reference see tensors of one shape.
+    Re-iterable: each pass yields the same batches.
 
     Args:
-        model: the :class:`TinyClip`.
-        loss_fn: e.g. ``ClipLoss(world_size=W, rank=r, local_loss=True, gather_with_grad=True)``.
-        bf16: autocast the towers to bf16 on CUDA.
+        images: (N, 3, S, S) all the images (each process holds its own copy).
+        text: the N captions: the tokenizer's dict of (N, L) tensors, or (N, F) features.
+        batch_size: G, the global batch; W must divide it.
+        num_batches: batches per pass (``fit`` takes ``max_steps`` of them).
+        seed: the permutations' seed, the same on every process.
+        rank: this process's rank r.
+        world_size: W.
+
+    Yields:
+        ``(images (B, ...), text (B, ...))`` with B = G / W.
 
     Taught in notebooks/15_scaling_out.
     """
 
-    def __init__(self, model: TinyClip, loss_fn: nn.Module, *, bf16: bool = False) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-        self.bf16 = bf16
+    def __init__(
+        self,
+        images: Tensor,
+        text: dict[str, Tensor] | Tensor,
+        *,
+        batch_size: int,
+        num_batches: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        n = len(images)
+        num_texts = len(text) if isinstance(text, Tensor) else len(text["input_ids"])
+        if num_texts != n:
+            raise ValueError(f"need one caption per image, got {n} images and {num_texts} texts")
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch_size={batch_size} (the global batch G) must be divisible by the "
+                f"world size W={world_size}"
+            )
+        self.images, self.text = images, text
+        self.batch_size, self.num_batches, self.seed = batch_size, num_batches, seed
+        self.rank, self.world_size = rank, world_size
+        global_batch_indices(n, batch_size, num_batches, seed=seed)  # checks the arguments
 
-    def forward(self, images: Tensor, text: dict[str, Tensor] | Tensor) -> Tensor:
-        """(B, 3, S, S) images and B captions -> this process's scalar loss."""
-        autocast = torch.autocast(
-            "cuda", dtype=torch.bfloat16, enabled=self.bf16 and images.device.type == "cuda"
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, dict[str, Tensor] | Tensor]]:
+        batches = global_batch_indices(
+            len(self.images), self.batch_size, self.num_batches, seed=self.seed
         )
-        with autocast:
-            image_embeds, text_embeds = self.model(images, text)  # (B, E), (B, E)
-        return self.loss_fn(image_embeds.float(), text_embeds.float())
-
-
-@dataclass
-class DistributedHistory:
-    """What :func:`train_clip_distributed` records (the same on every process)."""
-
-    loss: list[float] = field(default_factory=list)  # the global-batch loss, every step
-    logit_scale: list[float] = field(default_factory=list)  # s = 1 / tau, if the loss has one
-    seconds: float = 0.0  # wall time of the loop
-    images_per_second: float = 0.0  # global throughput: steps * G / seconds
+        for global_index in batches:
+            local = split_global_batch(global_index, rank=self.rank, world_size=self.world_size)
+            yield self.images[local], _rows(self.text, local)
 
 
 def _rows(text: dict[str, Tensor] | Tensor, index: Tensor) -> dict[str, Tensor] | Tensor:
@@ -293,113 +310,6 @@ def _rows(text: dict[str, Tensor] | Tensor, index: Tensor) -> dict[str, Tensor] 
     if isinstance(text, Tensor):
         return text[index]
     return {key: value[index] for key, value in text.items()}
-
-
-def train_clip_distributed(
-    model: TinyClip,
-    loss_fn: nn.Module,
-    images: Tensor,
-    text: dict[str, Tensor] | Tensor,
-    *,
-    config: ClipTrainConfig | None = None,
-    context: DistributedContext | None = None,
-    bf16: bool = False,
-    log_every: int = 0,
-) -> DistributedHistory:
-    """Train on global batches of ``config.batch_size`` pairs split over the W processes.
-
-    Every process holds the whole data set and draws the same global batches
-    (:func:`global_batch_indices`), keeps its slice (:func:`split_global_batch`), and runs
-    forward and backward on it; DDP all-reduces the gradients, then each process clips and
-    steps AdamW identically (warm-up + cosine, the optimiser of ``train_clip``). With W = 1
-    there is no DDP and this is an ordinary training loop: the reference.
-
-    Args:
-        model: the :class:`TinyClip`; it must start from the same weights on every process
-            (seed before building it; DDP also copies rank 0's weights at construction).
-        loss_fn: a module (B, E), (B, E) -> scalar whose ``world_size`` and ``rank`` (if it
-            has them) are this process's, e.g. ``ClipLoss(world_size=W, rank=r,
-            local_loss=True, gather_with_grad=True)``.
-        images: (N, 3, S, S) all the images (each process keeps its own copy).
-        text: the N captions: the tokenizer's dict of (N, L) tensors, or (N, F) features.
-        config: steps, G = ``batch_size``, lr, warm-up, weight decay, clip, seed.
-        context: this process's :class:`DistributedContext` (default: one CPU process).
-        bf16: autocast the towers to bf16 on CUDA.
-        log_every: log the loss every this many steps on rank 0 (0: only at the end).
-
-    Returns:
-        :class:`DistributedHistory`; the per-step loss is the global-batch loss (the mean of
-        the processes' shares). The model is left in eval mode.
-    """
-    config = ClipTrainConfig() if config is None else config
-    context = DistributedContext() if context is None else context
-    W, rank, device = context.world_size, context.rank, context.device
-    n = len(images)
-    num_texts = len(text) if isinstance(text, Tensor) else len(text["input_ids"])
-    if num_texts != n:
-        raise ValueError(f"need one caption per image, got {n} images and {num_texts} texts")
-    if config.batch_size % W:
-        raise ValueError(
-            f"batch_size={config.batch_size} (the global batch G) must be divisible by the "
-            f"world size W={W}"
-        )
-    for name, expected in (("world_size", W), ("rank", rank)):
-        if getattr(loss_fn, name, expected) != expected:
-            raise ValueError(
-                f"loss_fn was built for {name}={getattr(loss_fn, name)} but this process has "
-                f"{name}={expected}; build it with ClipLoss(world_size=context.world_size, "
-                "rank=context.rank, ...)"
-            )
-    wrapper = ClipWithLoss(model, loss_fn, bf16=bf16).to(device).train()
-    if W > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        trainer: nn.Module = DDP(
-            wrapper, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    else:
-        trainer = wrapper
-    optimizer, scheduler = adamw_warmup_cosine(  # train_clip's recipe, same parameter order
-        wrapper.parameters(),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.steps,
-    )
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    history = DistributedHistory()
-    start = time.perf_counter()
-    batches = global_batch_indices(n, config.batch_size, config.steps, seed=config.seed)
-    for step, global_index in enumerate(batches):
-        local = split_global_batch(global_index, rank=rank, world_size=W)  # (B,)
-        loss = trainer(images[local].to(device), to_device(_rows(text, local), device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP: the gradients are averaged over the W processes here
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        history.loss.append(_global_mean(loss.detach(), context))
-        scale = getattr(loss_fn, "logit_scale", None)
-        if callable(scale):
-            history.logit_scale.append(float(scale().detach()))
-        if context.is_main and log_every and (step + 1) % log_every == 0:
-            logger.info("step %d/%d: loss %.4f", step + 1, config.steps, history.loss[-1])
-    history.seconds = time.perf_counter() - start
-    history.images_per_second = config.steps * config.batch_size / history.seconds
-    model.eval()
-    loss_fn.eval()
-    return history
-
-
-def _global_mean(value: Tensor, context: DistributedContext) -> float:
-    """The mean of a scalar over the processes (each holds its share of the loss)."""
-    if context.world_size == 1:
-        return value.item()
-    import torch.distributed as dist
-
-    value = value.float().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
-    return value.item() / context.world_size
 
 
 def weights_checksum(module: nn.Module) -> dict[str, Any]:
@@ -468,30 +378,35 @@ def distributed_siglip_loss(
 
 
 class DistributedSigLipLoss(SigLipLoss):
-    """``SigLipLoss`` (learned scale and bias) that gathers the texts when W > 1.
+    """``SigLipLoss`` that gathers the texts when W > 1: ``loss(u, v, logit_scale, logit_bias)``.
 
     Args:
         rank: this process's rank.
         world_size: W (1: the plain ``siglip_loss``).
-        **kwargs: ``init_scale``, ``init_bias``, ``max_scale`` of :class:`SigLipLoss`.
     """
 
-    def __init__(self, *, rank: int = 0, world_size: int = 1, **kwargs: float) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, {world_size=}")
         self.rank = rank
         self.world_size = world_size
 
-    def forward(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-        """Args: image_embeds, text_embeds: (B, D) local batches. Returns: the scalar loss."""
+    def forward(
+        self,
+        image_embeds: Tensor,
+        text_embeds: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | float,
+    ) -> Tensor:
+        """Args: (B, D) local batches, s and b. Returns: this process's scalar loss."""
         if self.world_size == 1:
-            return siglip_loss(image_embeds, text_embeds, self.logit_scale(), self.logit_bias)
+            return siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias)
         return distributed_siglip_loss(
             image_embeds,
             text_embeds,
-            self.logit_scale(),
-            self.logit_bias,
+            logit_scale,
+            logit_bias,
             rank=self.rank,
             world_size=self.world_size,
         )
@@ -523,14 +438,12 @@ class ScalingConfig:
     device: str = "auto"  # "auto": cuda:LOCAL_RANK with nccl when CUDA is there, else cpu/gloo
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "fp32"; "bf16"
     threads: int = 0  # torch threads per process (0: leave torch's / torchrun's default)
-    log_every: int = 5  # log the loss every this many steps, on rank 0 (0: never)
 
     def __post_init__(self) -> None:
         positive_int(steps=self.steps, batch_size=self.batch_size, num_pairs=self.num_pairs)
         positive_int(embed_dim=self.embed_dim, width=self.width, layers=self.layers)
         positive_int(heads=self.heads)
         non_negative_int(warmup_steps=self.warmup_steps, seed=self.seed, threads=self.threads)
-        non_negative_int(log_every=self.log_every)
         positive_float(lr=self.lr)
         one_of("loss", self.loss, ("clip", "siglip"))
         one_of("precision", self.precision, ("auto", "fp32", "bf16"))
@@ -573,6 +486,9 @@ def build_model(config: ScalingConfig, vocab_size: int, *, seed: int) -> TinyCli
             text_dim=config.width,
             text_layers=config.layers,
             text_heads=config.heads,
+            # SigLIP's initial s = 10 and b = -10; CLIP's s = 1 / 0.07 and no bias
+            logit_scale_init=10.0 if config.loss == "siglip" else 1 / 0.07,
+            logit_bias_init=-10.0 if config.loss == "siglip" else None,
         )
     )
 
@@ -591,8 +507,8 @@ def run_clip_training(
         context: this process's :class:`DistributedContext` (default: one process on
             ``config.device``).
         out: a JSON file for the results (written by rank 0 only).
-        save_weights: a ``torch.save`` file for the final ``state_dict`` of model + loss
-            (rank 0 only; every process holds the same weights).
+        save_weights: a ``torch.save`` file for the model's final ``state_dict``, its
+            logit scale included (rank 0 only; every process holds the same weights).
 
     Returns:
         A dict: ``world_size``, ``batch_size`` (G), ``local_batch_size`` (B), ``losses``,
@@ -631,37 +547,49 @@ def run_clip_training(
         )
     else:
         loss_fn = DistributedSigLipLoss(rank=context.rank, world_size=W)
-    bf16 = config.precision == "bf16" or (
-        config.precision == "auto" and context.device.type == "cuda"
-    )
-    train_config = ClipTrainConfig(
-        steps=config.steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        warmup_steps=config.warmup_steps,
-        seed=config.seed,
-        progress=False,
-    )
-    history = train_clip_distributed(
-        model,
-        loss_fn,
+    model.to(context.device)
+    if W > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [context.device.index] if context.device.type == "cuda" else None
+        trainer: nn.Module = DDP(model, device_ids=ids)  # all-reduces the gradients
+    else:
+        trainer = model
+    batches = LocalBatches(
         images,
         text,
-        config=train_config,
-        context=context,
-        bf16=bf16,
-        log_every=config.log_every,
+        batch_size=config.batch_size,
+        num_batches=config.steps,
+        seed=config.seed,
+        rank=context.rank,
+        world_size=W,
     )
-    wrapper = ClipWithLoss(model, loss_fn)  # model.* and loss_fn.* in one state_dict
+    train_config = TrainConfig(  # chapter 06's recipe: clip.clip_recipe
+        max_steps=config.steps,
+        lr=config.lr,
+        weight_decay=0.05,
+        warmup_steps=config.warmup_steps,
+        eval_every=config.steps,
+        precision=config.precision,
+        device=str(context.device),
+        progress=False,
+    )
+    fitted = fit(
+        trainer,
+        batches,
+        loss_fn=PairObjective(loss_fn),
+        config=train_config,
+        log_fn=record_logit_scale,
+    )
     result = {
         "world_size": W,
         "batch_size": config.batch_size,
         "local_batch_size": config.batch_size // W,
-        "losses": history.loss,
-        "logit_scale": history.logit_scale,
-        "checksum": weights_checksum(wrapper),
-        "seconds": history.seconds,
-        "images_per_second": history.images_per_second,
+        "losses": [row["loss"] for row in fitted.history],
+        "logit_scale": [row["logit_scale"] for row in fitted.history],
+        "checksum": weights_checksum(model),
+        "seconds": fitted.seconds,
+        "images_per_second": config.steps * config.batch_size / fitted.seconds,
         "device": str(context.device),
         "backend": context.backend,
         "threads": torch.get_num_threads(),
@@ -671,15 +599,15 @@ def run_clip_training(
         if out is not None:
             Path(out).write_text(json.dumps(result, indent=1), encoding="utf-8")
         if save_weights is not None:
-            state = {k: v.detach().cpu() for k, v in wrapper.state_dict().items()}
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             torch.save(state, save_weights)
         logger.info(
             "W=%d, G=%d (B=%d per process): final loss %.4f, %.0f images/s",
             W,
             config.batch_size,
             config.batch_size // W,
-            history.loss[-1],
-            history.images_per_second,
+            result["losses"][-1],
+            result["images_per_second"],
         )
     return result
 
@@ -719,7 +647,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
     parser.add_argument("--precision", default=defaults.precision, choices=("auto", "fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=defaults.threads, help="0: default")
-    parser.add_argument("--log-every", type=int, default=defaults.log_every, help="0: never")
     return parser
 
 

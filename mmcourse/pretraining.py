@@ -15,7 +15,9 @@ patch tokens, and train it with two more objectives:
    the contrastive model finds similar but that is not a match (``sample_negatives``).
 
 ``ImageTextEncoder`` holds the fusion encoder and both heads; ``pretrain`` trains it on
-precomputed image tokens (a frozen image tower, as the notebook does to stay fast); the
+precomputed image tokens (a frozen image tower, as the notebook does to stay fast) through
+``mmcourse.train.fit``, with ``PretrainBatches`` drawing the masks and negatives and
+``pretrain_loss`` the loss of one batch; the
 evaluation helpers and ``linear_probe_accuracy`` compare what the objectives taught.
 
 Axis letters: B batch, N text tokens ([CLS] included), M image tokens, D fusion width,
@@ -28,18 +30,16 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mmcourse.attention import MultiHeadAttention
-from mmcourse.clip import adamw_warmup_cosine
 from mmcourse.encoders import (
     ACTIVATIONS,
     FeedForward,
@@ -51,6 +51,7 @@ from mmcourse.encoders import (
     _init_weights,
     load_from_torch_layer,
 )
+from mmcourse.train import ShuffledBatches, TrainConfig, fit
 from mmcourse.utils import fraction, non_negative_int, one_of, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -934,89 +935,178 @@ def pretrain(
     if config.batch_size > P:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {P} training pairs")
     device = next(model.parameters()).device if device is None else torch.device(device)
-    model.to(device).train()
-    optimizer, scheduler = adamw_warmup_cosine(
-        model.parameters(),
+    batches = PretrainBatches(
+        image_tokens,
+        input_ids,
+        attention_mask,
+        config=config,
+        vocab_size=model.config.vocab_size,
+        special_ids=special_ids,
+        mask_token_id=mask_token_id,
+        similarity_embeds=similarity_embeds,
+        caption_ids=caption_ids,
+        caption_bank=caption_bank,
+        negative_pool=negative_pool,
+    )
+    train_config = TrainConfig(
+        max_steps=config.steps,
         lr=config.lr,
         weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.steps,
+        warmup_steps=min(config.warmup_steps, config.steps),
+        grad_clip=config.grad_clip,
+        eval_every=config.steps,
+        progress=config.progress,
+        device=str(device),
     )
-    generator = torch.Generator().manual_seed(config.seed)
-    order, cursor = torch.randperm(P, generator=generator), 0
-    history = PretrainHistory(loss={name: [] for name in config.objectives})
-    start = time.perf_counter()
-    for _ in tqdm(range(config.steps), desc="pretrain", disable=not config.progress, leave=False):
-        if cursor + config.batch_size > P:  # next epoch
-            order, cursor = torch.randperm(P, generator=generator), 0
-        index = order[cursor : cursor + config.batch_size]
-        cursor += config.batch_size
-        cpu_ids, cpu_mask = _trim(
-            input_ids[index], attention_mask[index]
-        )  # masking draws on the CPU
-        ids, mask = cpu_ids.to(device), cpu_mask.to(device)
-        images = None if image_tokens is None else image_tokens[index].to(device)
-        losses = {}
-        if "mlm" in config.objectives:
-            masked, labels = mask_tokens(
-                cpu_ids,
-                mask_token_id=mask_token_id,
-                vocab_size=model.config.vocab_size,
-                special_ids=special_ids,
-                probability=config.mask_probability,
-                generator=generator,
-            )
-            if (labels != IGNORE_INDEX).any():
-                logits = model.mlm_logits(images, masked.to(device), mask)
-                losses["mlm"] = mlm_loss(logits, labels.to(device))
-        if "itm" in config.objectives:
-            u, v, scale = similarity_embeds
-            queries = scale * u[index]  # (B, E), the batch's images, scaled
-            sim = queries @ v[index].T  # (B, B) ITC logits
-            group = None if caption_ids is None else caption_ids[index]
-            hard = config.negatives == "hard"
-            t4i, i4t = sample_negatives(
-                sim, ids=group, hard=hard, temperature=config.temperature, generator=generator
-            )
-            image_index, text_index, labels = itm_triplets(t4i, i4t)
-            texts, text_masks = ids[text_index.to(device)], mask[text_index.to(device)]
-            if caption_bank is not None:  # the B (image, negative text) pairs: from the bank
-                bank_ids, bank_mask, bank_embeds = caption_bank
-                drawn = sample_bank_negatives(
-                    queries @ bank_embeds.T,  # (B, C)
-                    caption_ids[index],
-                    hard=hard,
-                    temperature=config.temperature,
-                    generator=generator,
-                    allowed=None if negative_pool is None else negative_pool[caption_ids[index]],
-                )
-                neg_ids, neg_mask = _trim(bank_ids[drawn], bank_mask[drawn])
-                width = max(texts.shape[1], neg_ids.shape[1])
-                texts, text_masks = (
-                    F.pad(texts, (0, width - texts.shape[1])),
-                    F.pad(text_masks, (0, width - text_masks.shape[1])),
-                )  # (3B, width), padded with [PAD] = 0 and mask 0
-                B = len(index)
-                texts[B : 2 * B] = F.pad(neg_ids, (0, width - neg_ids.shape[1])).to(device)
-                text_masks[B : 2 * B] = F.pad(neg_mask, (0, width - neg_mask.shape[1])).to(device)
-            logits = model.itm_logits(images[image_index.to(device)], texts, text_masks)
-            losses["itm"] = itm_loss(
-                logits, labels.to(device), positive_weight=config.positive_weight
-            )
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        for name, value in losses.items():
-            history.loss[name].append(value.item())
-    history.seconds = time.perf_counter() - start
-    model.eval()
+    result = fit(model, batches, loss_fn=pretrain_loss, config=train_config)
+    history = PretrainHistory(
+        loss={name: [r[name] for r in result.history if name in r] for name in config.objectives},
+        seconds=result.seconds,
+    )
     logger.info(
         "pretrained %s for %d steps in %.1f s", config.objectives, config.steps, history.seconds
     )
     return history
+
+
+class PretrainBatch(NamedTuple):
+    """One step of MLM and/or ITM: what :func:`pretrain_loss` needs (None: objective off).
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+
+    images: Tensor | None  # (B, M, K) image tokens of the batch (or (B, 3, S, S) images)
+    attention_mask: Tensor  # (B, N) the captions' mask, trimmed to the longest caption
+    mlm_input_ids: Tensor | None  # (B, N) the captions with BERT's masking applied
+    mlm_labels: Tensor | None  # (B, N) the hidden tokens, IGNORE_INDEX elsewhere
+    itm_image_index: Tensor | None  # (3B,) row of ``images`` of each ITM pair
+    itm_input_ids: Tensor | None  # (3B, N') the text of each ITM pair
+    itm_attention_mask: Tensor | None  # (3B, N')
+    itm_labels: Tensor | None  # (3B,) 1: match, 0: not
+    positive_weight: float = 1.0  # ITM: loss weight of the positives
+
+
+def pretrain_loss(model: ImageTextEncoder, batch: PretrainBatch) -> dict[str, Tensor]:
+    """``fit``'s loss: the sum of the batch's MLM and ITM losses, each part recorded.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+    parts = {}
+    if batch.mlm_labels is not None and (batch.mlm_labels != IGNORE_INDEX).any():
+        logits = model.mlm_logits(batch.images, batch.mlm_input_ids, batch.attention_mask)
+        parts["mlm"] = mlm_loss(logits, batch.mlm_labels)
+    if batch.itm_labels is not None:
+        logits = model.itm_logits(
+            batch.images[batch.itm_image_index], batch.itm_input_ids, batch.itm_attention_mask
+        )
+        parts["itm"] = itm_loss(logits, batch.itm_labels, positive_weight=batch.positive_weight)
+    if not parts:  # no token was masked in this batch (rare) and no ITM
+        zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+        return {"loss": zero, "mlm": zero.detach()}
+    return {"loss": sum(parts.values()), **parts}
+
+
+class PretrainBatches:
+    """The batches of :func:`pretrain`: shuffled pairs, BERT's masks, ITM's negatives.
+
+    The rows come from :class:`mmcourse.train.ShuffledBatches` (seeded with
+    ``config.seed``); masks and negative draws from a second generator seeded with
+    ``config.seed + 1``. Both restart with every pass, so the batches are reproducible.
+    The arguments are those of :func:`pretrain`.
+
+    Taught in notebooks/07_pretraining_objectives.
+    """
+
+    def __init__(
+        self,
+        image_tokens: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        config: PretrainConfig,
+        vocab_size: int,
+        special_ids: Sequence[int] = (0, 1, 2, 3, 4),
+        mask_token_id: int = 4,
+        similarity_embeds: tuple[Tensor, Tensor, float] | None = None,
+        caption_ids: Tensor | None = None,
+        caption_bank: tuple[Tensor, Tensor, Tensor] | None = None,
+        negative_pool: Tensor | None = None,
+    ) -> None:
+        self.image_tokens, self.input_ids, self.attention_mask = (
+            image_tokens,
+            input_ids,
+            attention_mask,
+        )
+        self.config, self.vocab_size = config, vocab_size
+        self.special_ids, self.mask_token_id = special_ids, mask_token_id
+        self.similarity_embeds, self.caption_ids = similarity_embeds, caption_ids
+        self.caption_bank, self.negative_pool = caption_bank, negative_pool
+        self.rows = ShuffledBatches(
+            torch.arange(len(input_ids)),
+            batch_size=config.batch_size,
+            num_batches=config.steps,
+            seed=config.seed,
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[PretrainBatch]:
+        config = self.config
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        for (index,) in self.rows:
+            ids, mask = _trim(self.input_ids[index], self.attention_mask[index])
+            images = None if self.image_tokens is None else self.image_tokens[index]
+            masked = labels = None
+            if "mlm" in config.objectives:
+                masked, labels = mask_tokens(
+                    ids,
+                    mask_token_id=self.mask_token_id,
+                    vocab_size=self.vocab_size,
+                    special_ids=self.special_ids,
+                    probability=config.mask_probability,
+                    generator=generator,
+                )
+            itm = (None, None, None, None)
+            if "itm" in config.objectives:
+                itm = self._itm_pairs(index, ids, mask, generator)
+            yield PretrainBatch(images, mask, masked, labels, *itm, config.positive_weight)
+
+    def _itm_pairs(
+        self, index: Tensor, ids: Tensor, mask: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The 3B pairs of a batch: positives, a negative text per image, a negative image
+        per text (:func:`sample_negatives`; from the bank with ``caption_bank``)."""
+        config = self.config
+        u, v, scale = self.similarity_embeds
+        queries = scale * u[index]  # (B, E), the batch's images, scaled
+        sim = queries @ v[index].T  # (B, B) ITC logits
+        group = None if self.caption_ids is None else self.caption_ids[index]
+        hard = config.negatives == "hard"
+        t4i, i4t = sample_negatives(
+            sim, ids=group, hard=hard, temperature=config.temperature, generator=generator
+        )
+        image_index, text_index, labels = itm_triplets(t4i, i4t)
+        texts, text_masks = ids[text_index], mask[text_index]
+        if self.caption_bank is not None:  # the B (image, negative text) pairs: from the bank
+            bank_ids, bank_mask, bank_embeds = self.caption_bank
+            pool = self.negative_pool
+            drawn = sample_bank_negatives(
+                queries @ bank_embeds.T,  # (B, C)
+                self.caption_ids[index],
+                hard=hard,
+                temperature=config.temperature,
+                generator=generator,
+                allowed=None if pool is None else pool[self.caption_ids[index]],
+            )
+            neg_ids, neg_mask = _trim(bank_ids[drawn], bank_mask[drawn])
+            width = max(texts.shape[1], neg_ids.shape[1])
+            texts = F.pad(texts, (0, width - texts.shape[1]))  # (3B, width), [PAD] = 0
+            text_masks = F.pad(text_masks, (0, width - text_masks.shape[1]))  # mask 0
+            B = len(index)
+            texts[B : 2 * B] = F.pad(neg_ids, (0, width - neg_ids.shape[1]))
+            text_masks[B : 2 * B] = F.pad(neg_mask, (0, width - neg_mask.shape[1]))
+        return image_index, texts, text_masks, labels
 
 
 # --- 6b. a cheap ITM head on frozen towers (for experiments over several seeds) -------------

@@ -418,6 +418,7 @@ def fit(
     evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     resume: bool = False,
+    log_fn: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``config.max_steps`` optimiser steps (fewer if it stops early).
 
@@ -426,7 +427,9 @@ def fit(
             ``requires_grad`` are optimised (freeze with :mod:`mmcourse.finetune` first).
         train_batches: a re-iterable (a DataLoader or a list of batches), cycled until
             ``max_steps``.
-        loss_fn: ``(model, batch on the device) -> scalar loss``.
+        loss_fn: ``(model, batch on the device) -> scalar loss``, or a dict whose ``"loss"``
+            is minimised and whose other scalars (e.g. each objective's part) are recorded
+            in the step's history row.
         config: the :class:`TrainConfig`.
         evaluate_fn: ``model -> {name: value}``, called in eval mode under ``no_grad``
             every ``eval_every`` steps and at the last step; ``config.metric`` is monitored
@@ -437,6 +440,11 @@ def fit(
         resume: continue from ``config.checkpoint_path`` if that file exists (same config,
             same ``train_batches`` in the same order). The file is read with
             ``torch.load(weights_only=True)``; one holding other objects is refused.
+        log_fn: ``model -> {name: value}``, called after every optimiser step; the values
+            join that step's history row (e.g. a learned temperature, ``logit_scale``).
+
+    Under ``torch.distributed`` each row's ``loss`` is the mean over the processes (each
+    holds its share of the global batch's loss), the same on every process.
 
     Returns:
         A :class:`FitResult`; the model is left in eval mode, on the device, holding the
@@ -505,8 +513,15 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         with _autocast(config.precision, device):
             loss = loss_fn(model, batch)
-        if loss.dim() != 0:
-            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        parts: dict[str, float] = {}
+        if isinstance(loss, dict):  # {"loss": the total, other parts to record}
+            if "loss" not in loss:
+                raise ValueError(f"loss_fn returned a dict without 'loss': {sorted(loss)}")
+            parts = {k: float(v) for k, v in loss.items() if k != "loss"}
+            loss = loss["loss"]
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
@@ -516,7 +531,15 @@ def fit(
         optimizer.step()
         scheduler.step()
         step += 1
-        row = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm)}
+        value = loss.detach()
+        if distributed:  # every process's share of the global batch, averaged
+            value = value.float().clone()
+            torch.distributed.all_reduce(value)
+            value /= torch.distributed.get_world_size()
+        row = {"step": step, "loss": value.item(), "lr": lr, "grad_norm": float(grad_norm)}
+        row.update(parts)
+        if log_fn is not None:
+            row.update({k: float(v) for k, v in log_fn(model).items()})
         result.history.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")

@@ -3,32 +3,33 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mmcourse.clip import (
-    ClipTrainConfig,
     FeatureClip,
     FeatureClipConfig,
-    MultiPositiveClipLoss,
+    PairBatches,
     TinyClip,
     TinyClipConfig,
     WordTokenizer,
-    adamw_warmup_cosine,
+    clip_recipe,
     duplicate_loss_floor,
     encode_images,
     encode_texts,
-    multi_positive_clip_loss,
-    train_clip,
+    record_logit_scale,
     zero_shot_scores,
 )
 from mmcourse.contrastive import (
     ClipLoss,
+    PairObjective,
     SigLipLoss,
     clip_loss,
+    multi_positive_clip_loss,
     retrieval_metrics,
     zero_shot_classifier,
     zero_shot_predict,
 )
+from mmcourse.finetune import param_groups
+from mmcourse.train import ShuffledBatches, fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,6 +51,19 @@ def tiny_config(vocab_size: int, **changes) -> TinyClipConfig:
         text_heads=2,
     )
     return TinyClipConfig(**{**sizes, **changes})
+
+
+def train_pairs(model, images, text, *, steps, batch_size, loss=None, labels=None, **recipe):
+    """CLIP training as the chapters run it: PairBatches + PairObjective through fit."""
+    recipe = {"lr": 5e-3, "warmup_steps": 5, **recipe}
+    result = fit(
+        model,
+        PairBatches(images, text, labels=labels, batch_size=batch_size),
+        loss_fn=PairObjective(loss),
+        config=clip_recipe(steps, **recipe),
+        log_fn=record_logit_scale,
+    )
+    return [row["loss"] for row in result.history], [row["logit_scale"] for row in result.history]
 
 
 def test_tokenizer_round_trip_and_padding():
@@ -120,18 +134,29 @@ def test_config_and_input_errors():
         lit.encode_text(torch.randn(2, 10))
     with pytest.raises(ValueError, match="image batch"):
         model.encode_image(torch.rand(2, 16, 16, 3))
-    with pytest.raises(ValueError, match="steps"):
-        ClipTrainConfig(steps=0)
     with pytest.raises(ValueError, match="one caption per image"):
-        train_clip(model, ClipLoss(), torch.rand(3, 3, 16, 16), tok(CAPTIONS))
+        PairBatches(torch.rand(3, 3, 16, 16), tok(CAPTIONS), batch_size=2)
     with pytest.raises(ValueError, match="batch_size"):
-        train_clip(
-            model,
-            ClipLoss(),
-            torch.rand(4, 3, 16, 16),
-            tok(CAPTIONS),
-            config=ClipTrainConfig(batch_size=8),
-        )
+        PairBatches(torch.rand(4, 3, 16, 16), tok(CAPTIONS), batch_size=8)
+    with pytest.raises(ValueError, match="logit_scale_init"):
+        tiny_config(len(tok), logit_scale_init=0.0)
+    with pytest.raises(ValueError, match="logit bias"):  # SigLIP needs the model's bias
+        PairObjective(SigLipLoss())(model, (torch.rand(4, 3, 16, 16), tok(CAPTIONS)))
+
+
+def test_pair_batches_are_shuffled_batches_with_captions_trimmed():
+    tok = WordTokenizer.from_texts(CAPTIONS)
+    text, images, labels = tok(CAPTIONS * 3), torch.rand(12, 3, 16, 16), torch.arange(12)
+    batches = list(PairBatches(images, text, labels=labels, batch_size=4, num_batches=5, seed=3))
+    rows = ShuffledBatches(torch.arange(12), batch_size=4, num_batches=5, seed=3)
+    assert len(batches) == 5
+    for (batch_images, batch_text, batch_labels), (index,) in zip(batches, rows, strict=True):
+        assert torch.equal(batch_labels, index) and torch.equal(batch_images, images[index])
+        width = int(text["attention_mask"][index].sum(1).max())  # the longest caption
+        assert torch.equal(batch_text["input_ids"], text["input_ids"][index, :width])
+    features = torch.randn(12, 5)
+    first = next(iter(PairBatches(images, features, batch_size=4, seed=3)))
+    assert len(first) == 2 and torch.equal(first[1], features[next(iter(rows))[0]])
 
 
 @pytest.mark.parametrize("loss_fn", [ClipLoss, SigLipLoss])
@@ -144,12 +169,14 @@ def test_overfits_one_batch(loss_fn):
     ]
     tok = WordTokenizer.from_texts(captions)
     model = TinyClip(tiny_config(len(tok)))
+    if loss_fn is SigLipLoss:  # the paper's initial scale and bias, owned by the model
+        model = TinyClip(tiny_config(len(tok), logit_scale_init=10.0, logit_bias_init=-10.0))
     images = torch.rand(8, 3, 16, 16)
-    loss = loss_fn()
-    config = ClipTrainConfig(steps=200, batch_size=8, lr=5e-3, warmup_steps=5, progress=False)
-    history = train_clip(model, loss, images, tok(captions), config=config)
-    assert history.loss[-1] < 0.2 * history.loss[0]
-    assert len(history.logit_scale) == 200 and history.pairs_per_second > 0
+    losses, scales = train_pairs(
+        model, images, tok(captions), steps=200, batch_size=8, loss=loss_fn()
+    )
+    assert losses[-1] < 0.2 * losses[0]
+    assert len(scales) == 200 and scales[-1] != scales[0]
     if loss_fn is ClipLoss:
         similarity = encode_images(model, images) @ encode_texts(model, tok(captions)).T
         assert retrieval_metrics(similarity)["image_to_text_R@1"] == 1.0
@@ -160,18 +187,13 @@ def test_learned_scale_moves_and_frozen_scale_stays():
     captions = ["a red circle", "a blue square", "a green cross", "a cyan star"]
     tok = WordTokenizer.from_texts(captions)
     images = torch.rand(4, 3, 16, 16)
-    config = ClipTrainConfig(steps=10, batch_size=4, warmup_steps=0, progress=False)
-    learned = ClipLoss(init_scale=10.0)
-    history = train_clip(
-        TinyClip(tiny_config(len(tok))), learned, images, tok(captions), config=config
-    )
-    assert history.logit_scale[-1] != pytest.approx(10.0)
-    fixed = ClipLoss(init_scale=10.0)
-    fixed.logit_scale.log_scale.requires_grad_(False)
-    history = train_clip(
-        TinyClip(tiny_config(len(tok))), fixed, images, tok(captions), config=config
-    )
-    assert history.logit_scale == pytest.approx([10.0] * 10)
+    model = TinyClip(tiny_config(len(tok), logit_scale_init=10.0))
+    _, scales = train_pairs(model, images, tok(captions), steps=10, batch_size=4, warmup_steps=0)
+    assert scales[-1] != pytest.approx(10.0)
+    model = TinyClip(tiny_config(len(tok), logit_scale_init=10.0))
+    model.logit_scale.log_scale.requires_grad_(False)  # a fixed temperature
+    _, scales = train_pairs(model, images, tok(captions), steps=10, batch_size=4, warmup_steps=0)
+    assert scales == pytest.approx([10.0] * 10)
 
 
 def test_encoders_are_batched_consistently():
@@ -194,11 +216,10 @@ def test_encoders_are_batched_consistently():
 def test_trains_under_bf16_autocast_on_cuda():
     tok = WordTokenizer.from_texts(CAPTIONS)
     model = TinyClip(tiny_config(len(tok)))
-    config = ClipTrainConfig(steps=5, batch_size=4, progress=False)
-    history = train_clip(
-        model, ClipLoss(), torch.rand(4, 3, 16, 16), tok(CAPTIONS), config=config, device="cuda"
+    losses, _ = train_pairs(
+        model, torch.rand(4, 3, 16, 16), tok(CAPTIONS), steps=5, batch_size=4, device="cuda"
     )
-    assert all(torch.isfinite(torch.tensor(history.loss)))
+    assert all(torch.isfinite(torch.tensor(losses)))
 
 
 # --- chapter 06 additions: FeatureClip, zero-shot scores, repeated captions -------------------
@@ -251,9 +272,8 @@ def test_feature_clip_overfits_one_batch(text_kind):
         config = FeatureClipConfig(image_feature_dim=12, text_feature_dim=7, hidden_dim=32)
         text = torch.randn(8, 7)
     model = FeatureClip(config)
-    train_config = ClipTrainConfig(steps=150, batch_size=8, lr=5e-3, warmup_steps=5, progress=False)
-    history = train_clip(model, ClipLoss(), features, text, config=train_config)
-    assert history.loss[-1] < 0.1 * history.loss[0]
+    losses, _ = train_pairs(model, features, text, steps=150, batch_size=8)
+    assert losses[-1] < 0.1 * losses[0]
     similarity = encode_images(model, features) @ encode_texts(model, text).T
     assert retrieval_metrics(similarity)["image_to_text_R@1"] == 1.0
 
@@ -357,46 +377,49 @@ def test_exact_repeats_only_shift_the_loss():
         duplicate_loss_floor(torch.tensor([]))
 
 
-def test_train_clip_passes_labels_to_a_multi_positive_loss():
+def test_labels_reach_the_multi_positive_loss():
     torch.manual_seed(0)
     captions = ["a red circle", "a blue square", "a red circle", "a green cross"] * 2
     tok = WordTokenizer.from_texts(captions)
     labels = torch.tensor([0, 1, 0, 2] * 2)
     model = FeatureClip(FeatureClipConfig(image_feature_dim=6, vocab_size=len(tok), hidden_dim=16))
     features = torch.randn(3, 6)[labels] + 0.01 * torch.randn(8, 6)
-    config = ClipTrainConfig(steps=100, batch_size=8, lr=5e-3, warmup_steps=5, progress=False)
-    history = train_clip(
-        model, MultiPositiveClipLoss(), features, tok(captions), config=config, labels=labels
+    losses, scales = train_pairs(
+        model, features, tok(captions), steps=100, batch_size=8, labels=labels
     )
     # the targets spread over k copies have entropy log k: the same floor as the CLIP loss
-    assert history.loss[-1] < duplicate_loss_floor(labels) + 0.05 < history.loss[0]
-    assert len(history.logit_scale) == 100
+    assert losses[-1] < duplicate_loss_floor(labels) + 0.05 < losses[0]
+    assert len(scales) == 100
     with pytest.raises(ValueError, match=r"labels of shape \(8,\)"):
-        train_clip(
-            model,
-            MultiPositiveClipLoss(),
-            features,
-            tok(captions),
-            config=config,
-            labels=labels[:3],
-        )
+        PairBatches(features, tok(captions), labels=labels[:3], batch_size=8)
+    with pytest.raises(ValueError, match="world_size == 1"):
+        ClipLoss(world_size=2, rank=0)(features, features, 1.0, labels)
 
 
-def test_adamw_warmup_cosine_groups_and_schedule():
-    weight = nn.Parameter(torch.ones(3, 2))
-    bias = nn.Parameter(torch.ones(3))
-    frozen = nn.Parameter(torch.ones(2, 2), requires_grad=False)
-    optimizer, scheduler = adamw_warmup_cosine(
-        [weight, bias, frozen], lr=1.0, weight_decay=0.1, warmup_steps=4, total_steps=14
+def test_clip_recipe_and_the_model_owned_logit_scale():
+    """CLIP's optimiser through fit: matrices decayed, biases, norms and the logit scale not;
+    linear warm-up, then a cosine to 0; the scale is a weight of the model."""
+    config = clip_recipe(14, lr=1.0, warmup_steps=4)
+    assert (config.weight_decay, config.grad_clip, config.schedule) == (0.05, 1.0, "cosine")
+    assert clip_recipe(5).warmup_steps == 5  # the warm-up never exceeds the run
+    model = FeatureClip(FeatureClipConfig(image_feature_dim=4, text_feature_dim=3, hidden_dim=8))
+    assert "logit_scale.log_scale" in model.state_dict() and model.logit_bias is None
+    decay, no_decay = param_groups(model, config.weight_decay)
+    assert any(p is model.logit_scale.log_scale for p in no_decay["params"])
+    assert all(p.dim() >= 2 for p in decay["params"])
+    result = fit(
+        model,
+        PairBatches(torch.randn(8, 4), torch.randn(8, 3), batch_size=4),
+        loss_fn=PairObjective(),
+        config=config,
     )
-    decay, no_decay = optimizer.param_groups
-    assert decay["params"] == [weight] and decay["weight_decay"] == 0.1
-    assert no_decay["params"] == [bias] and no_decay["weight_decay"] == 0.0
-    lrs = []
-    for _ in range(14):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warm-up
-    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.5)  # cosine, halfway
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # 0 at the end
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # fit's warm-up, step / W
+    assert lrs[9] == pytest.approx(0.5)  # the cosine, halfway
+    siglip = FeatureClip(
+        FeatureClipConfig(
+            image_feature_dim=4, text_feature_dim=3, logit_scale_init=10.0, logit_bias_init=-10.0
+        )
+    )
+    assert siglip.logit_scale().item() == pytest.approx(10.0)
+    assert siglip.logit_bias.item() == -10.0 and siglip.logit_bias.requires_grad

@@ -18,6 +18,7 @@ from mmcourse.contrastive import (
     clip_loss,
     distributed_clip_loss,
     info_nce,
+    multi_positive_clip_loss,
     retrieval_metrics,
     siglip_loss,
     soft_target_clip_loss,
@@ -86,23 +87,26 @@ def test_logit_scale_init_and_clamp():
 # --- ClipLoss and info_nce --------------------------------------------------------------
 
 
-def test_clip_loss_module_matches_function_and_scale():
+def test_clip_loss_module_matches_function_and_the_model_owned_scale():
     torch.manual_seed(0)
     u, v = torch.randn(6, 8), torch.randn(6, 8)
     loss_fn = ClipLoss()  # one process: no torch.distributed process group needed
-    assert not torch.distributed.is_initialized()
-    assert math.isclose(loss_fn.logit_scale().item(), 1 / 0.07, rel_tol=1e-5)
-    torch.testing.assert_close(loss_fn(u, v), clip_loss(u, v, 1 / 0.07))
+    assert not torch.distributed.is_initialized() and not list(loss_fn.parameters())
+    torch.testing.assert_close(loss_fn(u, v, 1 / 0.07), clip_loss(u, v, 1 / 0.07))
+    labels = torch.tensor([0, 1, 0, 2, 3, 1])  # with labels: the multi-positive loss
+    torch.testing.assert_close(
+        loss_fn(u, v, 5.0, labels), multi_positive_clip_loss(u, v, 5.0, labels)
+    )
+    scale = LogitScale()  # what a model owns: ln s, clamped at 100 where used
+    assert math.isclose(scale().item(), 1 / 0.07, rel_tol=1e-5)
     with torch.no_grad():
-        loss_fn.logit_scale.log_scale.fill_(math.log(500.0))
-    assert loss_fn.logit_scale().item() == 100.0
-    torch.testing.assert_close(loss_fn(u, v), clip_loss(u, v, 100.0))
-    # the scale is learned in log space and gets a gradient (zero once clamped)
+        scale.log_scale.fill_(math.log(500.0))
+    assert scale().item() == 100.0
+    # the scale is learned in log space and gets a gradient through the loss
     with torch.no_grad():
-        loss_fn.logit_scale.log_scale.fill_(math.log(5.0))
-    loss_fn(u, v).backward()
-    assert loss_fn.logit_scale.log_scale.grad is not None
-    assert loss_fn.logit_scale.log_scale.grad.abs() > 0
+        scale.log_scale.fill_(math.log(5.0))
+    loss_fn(u, v, scale()).backward()
+    assert scale.log_scale.grad is not None and scale.log_scale.grad.abs() > 0
 
 
 def brute_force_info_nce(q, k, tau, targets):
@@ -208,15 +212,13 @@ def test_siglip_loss_value_and_gradient(B, D):
             torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
 
-def test_siglip_module_init_and_value():
+def test_siglip_module_value():
     loss_fn = SigLipLoss()
-    assert math.isclose(loss_fn.logit_scale().item(), 10.0, rel_tol=1e-6)
-    assert loss_fn.logit_bias.item() == -10.0
     torch.manual_seed(2)
     u, v = torch.randn(5, 8), torch.randn(5, 8)
-    torch.testing.assert_close(loss_fn(u, v), siglip_loss(u, v, 10.0, -10.0))
+    torch.testing.assert_close(loss_fn(u, v, 10.0, -10.0), siglip_loss(u, v, 10.0, -10.0))
     with pytest.raises(ValueError, match=r"got \(5, 8\) and \(4, 8\)"):
-        loss_fn(u, v[:4])
+        loss_fn(u, v[:4], 10.0, -10.0)
 
 
 # --- the source's soft-target CLIPLoss: the collapse incentive --------------------------
@@ -344,12 +346,10 @@ def _distributed_worker(rank, init_file, out_dir):
             loss.backward()
             results[name] = (loss.detach(), u.grad, v.grad, s.grad)
         # the module path: ClipLoss with world_size > 1 gives the same loss
-        module = ClipLoss(
-            init_scale=9.0, local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD
-        )
+        module = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD)
         u = u_all[rank * B : (rank + 1) * B]
         v = v_all[rank * B : (rank + 1) * B]
-        results["module_local_loss"] = module(u, v).detach()
+        results["module_local_loss"] = module(u, v, 9.0).detach()
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.barrier()  # nobody tears the group down while another still talks
     finally:

@@ -216,6 +216,33 @@ def test_overfits_one_batch():
     assert (model(x).argmax(-1) == y).all()
 
 
+def test_log_fn_and_a_dict_loss_add_to_each_history_row():
+    x, y = _data(n=16)
+    model = _model()
+
+    def parts(model, batch):  # the total is minimised; the parts are recorded
+        x, y = batch
+        ce = F.cross_entropy(model(x), y)
+        penalty = 1e-3 * model[0].weight.square().sum()
+        return {"loss": ce + penalty, "ce": ce, "penalty": penalty}
+
+    result = fit(
+        model,
+        [(x, y)],
+        loss_fn=parts,
+        config=_cfg(max_steps=5),
+        log_fn=lambda m: {"bias0": m[0].bias[0]},
+    )
+    for row in result.history:
+        assert row["loss"] == pytest.approx(row["ce"] + row["penalty"], rel=1e-6)
+        assert set(row) >= {"step", "loss", "lr", "grad_norm", "ce", "penalty", "bias0"}
+    assert result.history[-1]["bias0"] == pytest.approx(model[0].bias[0].item())
+    with pytest.raises(ValueError, match="without 'loss'"):
+        fit(_model(), [(x, y)], loss_fn=lambda m, b: {"ce": _loss(m, b)}, config=_cfg(max_steps=1))
+    with pytest.raises(ValueError, match="scalar tensor, got float"):
+        fit(_model(), [(x, y)], loss_fn=lambda m, b: 1.0, config=_cfg(max_steps=1))
+
+
 def test_early_stopping_and_best_restore():
     x, y = _data()
     model = _model()
@@ -386,8 +413,9 @@ def _ddp_worker(rank, init_file, out_dir):
         model, batches = _ddp_problem()
         shard = [(x[rank::WORLD], y[rank::WORLD]) for x, y in batches]  # (4, 5), (4, 1) each
         config = TrainConfig(**_DDP_CONFIG, device="cpu", checkpoint_path=f"{out_dir}/ckpt.pt")
-        fit(DistributedDataParallel(model), shard, loss_fn=_mse, config=config)
+        result = fit(DistributedDataParallel(model), shard, loss_fn=_mse, config=config)
         torch.save(model.state_dict(), f"{out_dir}/rank{rank}.pt")
+        torch.save([row["loss"] for row in result.history], f"{out_dir}/losses{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -398,8 +426,10 @@ def test_fit_under_ddp_equals_one_process_on_whole_batches(tmp_path):
 
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     model, batches = _ddp_problem()
-    fit(model, batches, loss_fn=_mse, config=TrainConfig(**_DDP_CONFIG, device="cpu"))
-    for rank in range(WORLD):
+    result = fit(model, batches, loss_fn=_mse, config=TrainConfig(**_DDP_CONFIG, device="cpu"))
+    for rank in range(WORLD):  # every process logs the whole batch's loss: its shards' mean
+        losses = torch.tensor(torch.load(tmp_path / f"losses{rank}.pt"))
+        torch.testing.assert_close(losses, torch.tensor([row["loss"] for row in result.history]))
         theirs = torch.load(tmp_path / f"rank{rank}.pt")
         for name, value in model.state_dict().items():
             torch.testing.assert_close(theirs[name], value, atol=1e-6, rtol=1e-5)

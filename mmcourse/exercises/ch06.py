@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmcourse.clip import multi_positive_clip_loss
-from mmcourse.contrastive import clip_loss, retrieval_metrics, zero_shot_classifier
+from mmcourse.contrastive import (
+    clip_loss,
+    multi_positive_clip_loss,
+    retrieval_metrics,
+    zero_shot_classifier,
+)
 from mmcourse.exercises import Exercise, Mismatch, call, expect_close, expect_shape
 
 # --- 1. the symmetric CLIP loss ----------------------------------------------------------------

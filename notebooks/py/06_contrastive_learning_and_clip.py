@@ -40,7 +40,7 @@ num_train = 4000  # training scenes, one object each (full: 20000)
 num_test = 500  # test scenes of the 20 training compositions (full: 2000)
 num_heldout = 300  # scenes of the 4 held-out shape-colour compositions (full: 1000)
 clip_steps = 450  # training steps of the from-scratch tiny CLIP (full: 3000 on a GPU)
-lit_steps = 150  # training steps of the LiT image tower (full: 3000 on a GPU)
+lit_steps = 200  # training steps of the LiT image tower (full: 3000 on a GPU)
 batch_size = 128  # B: pairs per step of both tiny CLIPs (full: 512)
 lr = 3e-3  # AdamW peak learning rate of both tiny CLIPs
 sweep_steps = 100  # steps of each cheap FeatureClip run in the sweeps (full: 1000)
@@ -298,40 +298,52 @@ print(f"at tau=1 the floor is {loss_floor(batch_size, 1.0) / math.log(batch_size
 # below): the ViT of chapter 04 as image tower
 # (32 × 32 images, 8 × 8 patches, [CLS] pooled), a small BERT as text tower over a
 # word-level vocabulary built from the training captions (`WordTokenizer`), each followed
-# by a linear projection into a shared 64-dimensional space, and `ClipLoss` with its learned
-# logit scale. `train_clip` runs AdamW with warm-up and cosine decay: the learning rate
-# rises linearly over the first 20 steps, then falls along half a cosine to 0 (chapter 08
-# explains optimisers and schedules).
+# by a linear projection into a shared 64-dimensional space. The model owns its learned
+# logit scale `logit_scale()` = $1/\tau$, as `transformers`' `CLIPModel` and open_clip do:
+# the temperature is a weight like any other, saved with the model. It trains with the
+# course's one loop, `mmcourse.train.fit` (chapter 01 introduced it, chapter 08 takes it
+# apart): `PairBatches` deals the shuffled pairs, `PairObjective` is the loss of one batch
+# (the towers, then `clip_loss` with the model's scale), and `clip_recipe` is CLIP's AdamW
+# with warm-up and cosine decay: the learning rate rises linearly over the first 20
+# steps, then falls along half a cosine to 0 (chapter 08 explains optimisers and
+# schedules). `record_logit_scale` logs the temperature at every step. The experiments
+# below repeat this call many times under its name, `train_pairs`.
 
 # %%
 from mmcourse.clip import (
-    ClipTrainConfig,
     FeatureClip,
     FeatureClipConfig,
+    PairBatches,
     TinyClip,
     TinyClipConfig,
     WordTokenizer,
+    clip_recipe,
     duplicate_loss_floor,
     encode_images,
     encode_texts,
-    multi_positive_clip_loss,
-    train_clip,
+    record_logit_scale,
+    train_pairs,
     zero_shot_scores,
 )
-from mmcourse.contrastive import ClipLoss, LogitScale, SigLipLoss, retrieval_metrics, soft_target_clip_loss
+from mmcourse.contrastive import (ClipLoss, LogitScale, PairObjective, SigLipLoss, multi_positive_clip_loss,
+                                  retrieval_metrics, soft_target_clip_loss)
+from mmcourse.train import fit
 
 tokenizer = WordTokenizer.from_texts(train_captions)
 print(f"vocabulary: {len(tokenizer)} ids ({len(tokenizer) - 5} words + 5 special tokens)")
 train_text = tokenizer(train_captions)
 torch.manual_seed(seed)
 clip_model = TinyClip(TinyClipConfig(vocab_size=len(tokenizer)))
-clip_loss_fn = ClipLoss()
 num_params = sum(p.numel() for p in clip_model.parameters())
 print(f"tiny CLIP: {num_params:,} parameters, about 1/{151e6 / num_params:,.0f} of CLIP ViT-B/32's ~151 M")
-clip_history = train_clip(clip_model, clip_loss_fn, train["images"], train_text, device=device,
-                          config=ClipTrainConfig(steps=clip_steps, batch_size=batch_size, lr=lr, seed=seed))
-print(f"{clip_steps} steps in {clip_history.seconds:.1f} s ({clip_history.pairs_per_second:,.0f} pairs/s); "
-      f"final loss {np.mean(clip_history.loss[-20:]):.3f}, learned tau = {1 / clip_history.logit_scale[-1]:.4f}")
+clip_run = fit(clip_model, PairBatches(train["images"], train_text, batch_size=batch_size, seed=seed),
+               loss_fn=PairObjective(ClipLoss()), config=clip_recipe(clip_steps, lr=lr, device=str(device)),
+               log_fn=record_logit_scale)
+clip_losses = [row["loss"] for row in clip_run.history]
+clip_scales = [row["logit_scale"] for row in clip_run.history]
+print(f"{clip_steps} steps in {clip_run.seconds:.1f} s ({clip_steps * batch_size / clip_run.seconds:,.0f} pairs/s); "
+      f"final loss {np.mean(clip_losses[-20:]):.3f}, learned tau = {1 / clip_scales[-1]:.4f}")
+
 
 # %% [markdown]
 # The training captions repeat a lot: there are few distinct ones (the count is printed
@@ -360,12 +372,12 @@ clip_dup_floor = batch_duplicate_floor(train_captions, batch_size)
 print(f"{len(set(train_captions))} distinct training captions among {len(train_captions):,} training scenes")
 print(f"floor set by repeated captions at B = {batch_size}: {clip_dup_floor:.3f} nats")
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), layout="constrained")
-axes[0].plot(clip_history.loss, lw=1, label="training loss")
+axes[0].plot(clip_losses, lw=1, label="training loss")
 axes[0].axhline(clip_dup_floor, ls="--", c="k", label="floor set by repeated captions")
 axes[0].axhline(math.log(batch_size), ls=":", c="gray", label="chance, log B")
 axes[0].set(xlabel="step", ylabel="CLIP loss (nats)", title="Tiny CLIP training", ylim=(0, None))
 axes[0].legend()
-axes[1].plot([1 / s for s in clip_history.logit_scale])
+axes[1].plot([1 / s for s in clip_scales])
 axes[1].set(xlabel="step", ylabel="$\\tau = 1/s$", title="The learned temperature", yscale="log")
 plt.show()
 
@@ -382,7 +394,7 @@ show = gallery[:12]
 with torch.no_grad():
     u = encode_images(clip_model, test["images"][show])
     v = encode_texts(clip_model, tokenizer([test["canonical_caption"][i] for i in show]))
-    batch_loss = clip_loss(u, v, clip_loss_fn.logit_scale().cpu()).item()
+    batch_loss = clip_loss(u, v, clip_model.logit_scale().cpu()).item()
 fig, ax = plt.subplots(figsize=(8, 6.5))
 im = ax.imshow(u @ v.T, cmap="coolwarm", vmin=-1, vmax=1)
 ax.set_yticks(range(len(show)), [f"image {k}" for k in range(len(show))], fontsize=7)
@@ -410,7 +422,7 @@ from mmcourse.widgets import explore
 with torch.no_grad():
     gallery_u = encode_images(clip_model, test["images"][gallery])
     gallery_v = encode_texts(clip_model, tokenizer([test["canonical_caption"][i] for i in gallery]))
-learned_tau = 1 / clip_loss_fn.logit_scale().item()
+learned_tau = 1 / clip_model.logit_scale().item()
 explore(
     draw_clip_batch,
     figsize=(11, 4),
@@ -640,7 +652,7 @@ plt.show()
 # Each question below needs several training runs, too many for the tiny ViT on a CPU. So
 # the experiments of this section use a cheaper CLIP, `FeatureClip`: the image is reduced
 # once to its first principal components of pixels (cached), the text is a bag of words,
-# and each side is a small MLP trained with the same `train_clip`. It trains in about a
+# and each side is a small MLP trained with the same `fit` call (`train_pairs`). It trains in about a
 # second and is about as accurate on this task, because one 32 × 32 object needs no deep
 # image tower. The loss is the same; the model is not, and effects that come from
 # optimising deep towers (training turning spiky at small $\tau$, for instance) show up
@@ -668,12 +680,17 @@ gallery_tokens = tokenizer(gallery_captions)
 P_tokens = tokenizer([t.format(n) for n in CLASS_NAMES for t in templates["sizes x positions: 'a small {} on the left', ..."]])
 
 
-def run_feature_clip(loss_fn: nn.Module, *, steps: int = sweep_steps, batch: int = batch_size, seed: int = seed):
-    """Train a FeatureClip with `loss_fn`; return its scores and its training history."""
+def run_feature_clip(loss: nn.Module | None = None, *, scale_init: float = 1 / 0.07, bias_init: float | None = None,
+                     learn_scale: bool = True, steps: int = sweep_steps, batch: int = batch_size, seed: int = seed):
+    """Train a FeatureClip with `loss` (default: ClipLoss) and the model's logit scale starting at
+    `scale_init` (frozen unless `learn_scale`), plus a bias for SigLIP; return its scores and its
+    per-step history."""
     torch.manual_seed(seed)
-    model = FeatureClip(FeatureClipConfig(image_feature_dim=pca_dim, vocab_size=len(tokenizer)))
-    history = train_clip(model, loss_fn, feature_sets["train"], train_text, device=device,
-                         config=ClipTrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False))
+    model = FeatureClip(FeatureClipConfig(image_feature_dim=pca_dim, vocab_size=len(tokenizer),
+                                          logit_scale_init=scale_init, logit_bias_init=bias_init))
+    model.logit_scale.log_scale.requires_grad_(learn_scale)
+    history = train_pairs(model, feature_sets["train"], train_text, steps=steps, batch_size=batch, seed=seed,
+                          loss=loss, lr=lr, device=str(device)).history
     image_test = encode_images(model, feature_sets["test"])
     P = encode_texts(model, P_tokens).reshape(len(CLASS_NAMES), -1, image_test.shape[1])
     gallery_sim = encode_images(model, feature_sets["test"][gallery]) @ encode_texts(model, gallery_tokens).T  # (G, G)
@@ -688,15 +705,11 @@ def run_feature_clip(loss_fn: nn.Module, *, steps: int = sweep_steps, batch: int
         "mean cosine between texts": (text_gallery @ text_gallery.T)[off_diagonal_texts].mean().item(),
         "mean cosine of positives": gallery_sim.diagonal().mean().item(),
         "first component's share (images)": (singular_values[0] ** 2 / (singular_values**2).sum()).item(),
-        "final loss": float(np.mean(history.loss[-20:])),
+        "final loss": float(np.mean([row["loss"] for row in history[-20:]])),
     }, history
 
 
-def fixed_temperature(tau: float) -> ClipLoss:
-    """The CLIP loss with 1/tau frozen (not learned)."""
-    loss_fn = ClipLoss(init_scale=1 / tau)
-    loss_fn.logit_scale.log_scale.requires_grad_(False)
-    return loss_fn
+SIGLIP = {"loss": SigLipLoss(), "scale_init": 10.0, "bias_init": -10.0}  # the paper's s and b at the start
 
 
 # %% [markdown]
@@ -711,12 +724,13 @@ def fixed_temperature(tau: float) -> ClipLoss:
 # %%
 temperature_rows = {}
 for tau_value in taus:
-    temperature_rows[f"tau = {tau_value}"] = run_feature_clip(fixed_temperature(tau_value))[0] | {"floor": loss_floor(batch_size, tau_value)}
+    fixed = run_feature_clip(scale_init=1 / tau_value, learn_scale=False)[0]  # 1/tau frozen, not learned
+    temperature_rows[f"tau = {tau_value}"] = fixed | {"floor": loss_floor(batch_size, tau_value)}
 learned_tau = {}
 for init in (0.07, 1.0):
-    temperature_rows[f"learned (init {init})"], learned_history = run_feature_clip(ClipLoss(init_scale=1 / init))
+    temperature_rows[f"learned (init {init})"], learned_history = run_feature_clip(scale_init=1 / init)
     temperature_rows[f"learned (init {init})"]["floor"] = float("nan")
-    learned_tau[init] = 1 / learned_history.logit_scale[-1]
+    learned_tau[init] = 1 / learned_history[-1]["logit_scale"]
     print(f"learned tau after {sweep_steps} steps, from {init}: {learned_tau[init]:.4f}")
 print(f"FeatureClip, {sweep_steps} steps, B = {batch_size}:")
 temperature_table = pd.DataFrame(temperature_rows).T
@@ -761,7 +775,7 @@ mmcourse.record("tau_001_zero_shot_minus_tau_007", temperature_table.loc["tau = 
 # $$\mathcal{L}_{\text{SigLIP}} = -\frac{1}{B} \sum_{i=1}^{B} \sum_{j=1}^{B} \log \sigma\big(z_{ij}\,(s\, \hat u_i^\top \hat v_j + b)\big),
 # \qquad z_{ij} = \begin{cases} +1 & i = j \\ -1 & i \ne j \end{cases}$$
 #
-# with a learned scale $s$ and bias $b$ (`SigLipLoss`, initialised at 10 and −10). No
+# with a learned scale $s$ and bias $b$ (the model's, initialised at 10 and −10; `SigLipLoss`). No
 # normalisation over the batch is needed, which makes it cheaper to distribute, and the
 # paper finds it better than the softmax at small batches. Both losses below, at three
 # **batch sizes** (批大小), for the same number of steps. That is a confound to keep in
@@ -773,8 +787,8 @@ mmcourse.record("tau_001_zero_shot_minus_tau_007", temperature_table.loc["tau = 
 batch_sizes = [b for b in (8, 32, 128) if b <= num_train]
 batch_rows = []
 for b in batch_sizes:
-    for loss_name, make_loss in (("CLIP (softmax)", ClipLoss), ("SigLIP (sigmoid)", SigLipLoss)):
-        scores, history = run_feature_clip(make_loss(), batch=b)
+    for loss_name, settings in (("CLIP (softmax)", {}), ("SigLIP (sigmoid)", SIGLIP)):
+        scores, history = run_feature_clip(**settings, batch=b)
         batch_rows.append({"B": b, "loss": loss_name, **scores})
 batch_table = pd.DataFrame(batch_rows)[["B", "loss", "zero-shot test", "R@1 image->text", "final loss"]]
 print(f"FeatureClip, {sweep_steps} steps at every B:")
@@ -835,7 +849,7 @@ batch_index = torch.randperm(len(test["labels"]), generator=rng)[:batch_size]
 batch_ids = caption_ids(test["canonical_caption"])[batch_index]
 u_batch = encode_images(clip_model, test["images"][batch_index]).requires_grad_()
 v_batch = encode_clip([test["canonical_caption"][i] for i in batch_index]).requires_grad_()
-scale = clip_loss_fn.logit_scale().detach().cpu()
+scale = clip_model.logit_scale().detach().cpu()
 identity_loss = clip_loss(u_batch, v_batch, scale)
 label_aware_loss = multi_positive_clip_loss(u_batch, v_batch, scale, batch_ids)
 grad_u_identity, grad_v_identity = torch.autograd.grad(identity_loss, (u_batch, v_batch))
@@ -876,7 +890,8 @@ mmcourse.record("duplicate_floor_share_of_loss", duplicate_loss_floor(batch_ids)
 # train FeatureClip on the captions *with* synonyms (a bag of words over their larger
 # vocabulary) at B = `fn_batch_size`, once with the CLIP loss and once with the
 # multi-positive loss, two captions counting as the same when they describe the same
-# size, colour, shape and position (`train_clip(..., labels=...)`). Then zero-shot with the
+# size, colour, shape and position (`PairBatches(..., labels=...)`: each batch carries its
+# labels, and `ClipLoss` given labels is `multi_positive_clip_loss`). Then zero-shot with the
 # canonical prompts, and retrieval on the gallery with its canonical and its sampled captions.
 #
 # The sampled captions are ambiguous. Three of the dataset's four object templates leave
@@ -891,9 +906,6 @@ mmcourse.record("duplicate_floor_share_of_loss", duplicate_loss_floor(batch_ids)
 # tie-breaks).
 
 # %%
-from mmcourse.clip import MultiPositiveClipLoss
-
-
 def consistent(captions: list[str], objects: list[dict]) -> torch.Tensor:
     """(G, G) bool: entry (j, k) is True when image k fits every attribute caption j (of image j) states."""
     rows = []
@@ -925,12 +937,12 @@ synonym_text = synonym_tokenizer(train["caption"])
 content_ids = caption_ids(train["canonical_caption"])  # equal for the same size, colour, shape and position
 P_synonym_tokens = synonym_tokenizer([t.format(n) for n in CLASS_NAMES for t in templates["sizes x positions: 'a small {} on the left', ..."]])
 fn_rows = {}
-for loss_name, loss_fn, labels in (("CLIP loss (identity targets)", ClipLoss(), None),
-                                   ("multi-positive (same content = positive)", MultiPositiveClipLoss(), content_ids)):
+for loss_name, labels in (("CLIP loss (identity targets)", None),
+                          ("multi-positive (same content = positive)", content_ids)):  # labels: multi-positive
     torch.manual_seed(seed)
     model = FeatureClip(FeatureClipConfig(image_feature_dim=pca_dim, vocab_size=len(synonym_tokenizer)))
-    train_clip(model, loss_fn, feature_sets["train"], synonym_text, labels=labels, device=device,
-               config=ClipTrainConfig(steps=sweep_steps, batch_size=fn_batch_size, lr=lr, seed=seed, progress=False))
+    train_pairs(model, feature_sets["train"], synonym_text, labels=labels, steps=sweep_steps, batch_size=fn_batch_size,
+                seed=seed, lr=lr, device=str(device))
     image_test = encode_images(model, feature_sets["test"])
     P = encode_texts(model, P_synonym_tokens).reshape(len(CLASS_NAMES), -1, image_test.shape[1])
     row = {"zero-shot test": (zero_shot_scores(image_test, P, ensemble="max").argmax(-1) == test["labels"]).float().mean().item()}
@@ -1011,11 +1023,11 @@ fn_sweep_rows = []
 for set_name, (tok, text, content) in caption_sets.items():
     for b in fn_sweep_sizes:
         for run_seed in range(seed, seed + num_seeds):
-            for loss_name, loss_fn, labels in (("identity", ClipLoss(), None), ("multi-positive", MultiPositiveClipLoss(), content)):
+            for loss_name, labels in (("identity", None), ("multi-positive", content)):
                 torch.manual_seed(run_seed)
                 model = FeatureClip(FeatureClipConfig(image_feature_dim=pca_dim, vocab_size=len(tok)))
-                train_clip(model, loss_fn, feature_sets["train"], text, labels=labels, device=device,
-                           config=ClipTrainConfig(steps=sweep_steps, batch_size=b, lr=lr, seed=run_seed, progress=False))
+                train_pairs(model, feature_sets["train"], text, labels=labels, steps=sweep_steps, batch_size=b,
+                            seed=run_seed, lr=lr, device=str(device))
                 fn_sweep_rows.append({"captions": set_name, "B": b, "seed": run_seed, "loss": loss_name,
                                       "top-1": paraphrase_zero_shot(model, tok)})
 fn_sweep = pd.DataFrame(fn_sweep_rows).pivot(index=["captions", "B", "seed"], columns="loss", values="top-1")
@@ -1113,13 +1125,14 @@ mmcourse.record("multi_positive_gain_sampled_captions", float(fn_gain[fine].mean
 
 # %%
 class SourceCLIPLoss(nn.Module):
-    """004 §4.2.2's CLIPLoss, as a module for train_clip. Do not train with it."""
+    """004 §4.2.2's CLIPLoss, as a loss for PairObjective (it ignores the model's logit scale).
+    Do not train with it."""
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale) -> torch.Tensor:
         return soft_target_clip_loss(image_features, text_features, self.temperature)
 
 
@@ -1171,8 +1184,8 @@ ensemble_rows = []
 for run_seed in range(seed, seed + num_seeds):
     torch.manual_seed(run_seed)
     model = FeatureClip(FeatureClipConfig(image_feature_dim=pca_dim, vocab_size=len(tokenizer)))
-    train_clip(model, ClipLoss(), feature_sets["train"], train_text, device=device,
-               config=ClipTrainConfig(steps=sweep_steps, batch_size=batch_size, lr=lr, seed=run_seed, progress=False))
+    train_pairs(model, feature_sets["train"], train_text, steps=sweep_steps, batch_size=batch_size, seed=run_seed,
+                lr=lr, device=str(device))
     embeds = [encode_images(model, feature_sets["test"]), encode_images(model, feature_sets["heldout"])]
     labels = [test["labels"], heldout["labels"]]
     P = encode_texts(model, tokenizer([t.format(n) for n in CLASS_NAMES for t in sp_templates])).reshape(len(CLASS_NAMES), len(sp_templates), -1)
@@ -1238,8 +1251,8 @@ def minilm_features(texts: list[str]) -> torch.Tensor:
 
 torch.manual_seed(seed)
 lit_model = TinyClip(TinyClipConfig(text_tower="frozen", text_feature_dim=384))
-lit_history = train_clip(lit_model, ClipLoss(), train["images"], minilm_features(train["canonical_caption"]),
-                         device=device, config=ClipTrainConfig(steps=lit_steps, batch_size=batch_size, lr=lr, seed=seed))
+lit_run = train_pairs(lit_model, train["images"], minilm_features(train["canonical_caption"]), steps=lit_steps,
+                      batch_size=batch_size, seed=seed, lr=lr, device=str(device))
 encode_lit = lambda texts: encode_texts(lit_model, minilm_features(texts))  # noqa: E731
 lit_image_embeds = {"test (seen compositions)": (encode_images(lit_model, test["images"]), test["labels"]),
                     "held-out compositions": (encode_images(lit_model, heldout["images"]), heldout["labels"])}
@@ -1252,7 +1265,7 @@ for rule in ("mean", "max"):
     print(f"from-scratch, {clip_steps} steps: zero-shot top-1 ({rule} ensemble) test {zs[rule][0]:.3f}, "
           f"held-out {zs[rule][1]:.3f}, all 24 classes {zs[rule][2]:.3f}")
 lit_test = lit_zs["max"][0]
-print(f"LiT trained in {lit_history.seconds:.1f} s")
+print(f"LiT trained in {lit_run.seconds:.1f} s")
 
 # %% [markdown]
 # Under the `max` rule LiT is behind the from-scratch tower on both the seen and the
@@ -1323,13 +1336,13 @@ mmcourse.record("lit_zero_shot_max_minus_mean_all_classes", lit_zs["max"][2] - l
 
 # %% [markdown]
 # LiT wins clearly on size words, where MiniLM already knows that "big" is "large", and it
-# is ahead on colour synonyms and the sampled captions. The from-scratch tower holds its own
-# on new templates and position phrases: trained on captions of varied length, it matches
-# on the words it knows and lets an "[UNK]" or two pass. Shape and colour synonyms are a
-# different story: both towers score low on them. On colour synonyms LiT is ahead, but far
-# below its score on new templates; on shape synonyms LiT does worse than the from-scratch
-# tower, whose score there is close to what a perfect model that ignores the shape word
-# would get (printed above): it sees "[UNK]" and falls back on size, colour and position.
+# is ahead on the sampled captions. The from-scratch tower holds its own on new templates
+# and position phrases: trained on captions of varied length, it matches on the words it
+# knows and lets an "[UNK]" or two pass. Shape and colour synonyms are a different story:
+# both towers score low on them, far below their scores on new templates, and about level
+# with each other. On shape synonyms both are near what a perfect model that ignores the
+# shape word would get (printed above): the from-scratch tower sees "[UNK]" and falls back
+# on size, colour and position, and LiT does little better.
 # Counting any fitting image as right lifts both towers on the sampled captions, since many
 # of those name neither size nor position. Why do the synonyms fail? A locked tower can only pass on what it knows, and its projection was trained
 # on canonical words only. Ask MiniLM directly which canonical word each synonym is

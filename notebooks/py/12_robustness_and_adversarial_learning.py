@@ -722,14 +722,13 @@ print(f"(unimodal models, clean: image-only {clean['image_only'].mean():.3f}, au
 #
 # Chapter 06's CLIP classifies an image by comparing its embedding with the text
 # embeddings of one prompt per class. We train the cheap `FeatureClip` of chapter 06 (pixel
-# principal components and a small MLP; bag-of-words text) with `clip.train_clip`, build the
+# principal components and a small MLP; bag-of-words text) with `clip.train_pairs`, build the
 # zero-shot classifier from the prompts "a {colour} {shape}", and attack the **pixels** - the
 # principal-component projection sits inside the model, so the budget is in pixels,
 # $\epsilon \in \{1, 2, 4, 8\}/255$.
 
 # %%
-from mmcourse.clip import ClipTrainConfig, FeatureClip, FeatureClipConfig, WordTokenizer, encode_texts, train_clip
-from mmcourse.contrastive import ClipLoss
+from mmcourse.clip import FeatureClip, FeatureClipConfig, WordTokenizer, encode_texts, train_pairs
 from mmcourse.data.shapes import CLASS_NAMES, ShapesConfig, shapes_tensors
 
 shapes_config = ShapesConfig(max_objects=1)
@@ -743,8 +742,8 @@ tokenizer = WordTokenizer.from_texts(shapes_train["canonical_caption"])
 torch.manual_seed(seed)
 clip_model = FeatureClip(FeatureClipConfig(image_feature_dim=128, vocab_size=len(tokenizer)))
 features = (pixels - pixel_mean) @ basis / scale
-train_clip(clip_model, ClipLoss(), features, tokenizer(shapes_train["canonical_caption"]), device=device,
-           config=ClipTrainConfig(steps=clip_steps, batch_size=batch_size, lr=3e-3, seed=seed, progress=False))
+train_pairs(clip_model, features, tokenizer(shapes_train["canonical_caption"]), steps=clip_steps, batch_size=batch_size,
+            seed=seed, device=str(device))
 clip_model = clip_model.cpu().eval()
 with torch.no_grad():
     class_embeds = F.normalize(encode_texts(clip_model, tokenizer([f"a {name}" for name in CLASS_NAMES])), dim=-1)  # (C, E)

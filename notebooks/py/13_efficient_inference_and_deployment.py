@@ -112,15 +112,14 @@ print(f"computing on {device}, {threads} torch thread(s); files in {workdir}")
 # ## 1. The model to serve: chapter 06's tiny CLIP
 #
 # We train chapter 06's `TinyClip` on one-object Shapes scenes (its ViT image tower and
-# small BERT text tower, a shared 64-dimensional space) with `train_clip`, and measure its
+# small BERT text tower, a shared 64-dimensional space) with `train_pairs` (chapter 06's `fit` call), and measure its
 # **zero-shot** accuracy the way chapter 06 does: each of the 24 shape–colour classes is
 # written into 10 size × position prompts, and an image takes the class of its best
 # prompt (`ensemble="max"`). This accuracy is the yardstick for every cheaper version below.
 
 # %%
-from mmcourse.clip import (ClipTrainConfig, TinyClip, TinyClipConfig, WordTokenizer, encode_images, encode_texts,
-                           train_clip, zero_shot_scores)
-from mmcourse.contrastive import ClipLoss
+from mmcourse.clip import (TinyClip, TinyClipConfig, WordTokenizer, encode_images, encode_texts, train_pairs,
+                           zero_shot_scores)
 from mmcourse.data.shapes import CLASS_NAMES, POSITION_PHRASES, POSITIONS, SIZES, ShapesConfig, shapes_tensors
 
 shapes_config = ShapesConfig(max_objects=1)
@@ -129,8 +128,8 @@ test = shapes_tensors(num_test, split="test", config=shapes_config)
 tokenizer = WordTokenizer.from_texts(train["canonical_caption"])
 torch.manual_seed(seed)
 clip_model = TinyClip(TinyClipConfig(vocab_size=len(tokenizer)))
-history = train_clip(clip_model, ClipLoss(), train["images"], tokenizer(train["canonical_caption"]), device=device,
-                     config=ClipTrainConfig(steps=clip_steps, batch_size=batch_size, seed=seed, progress=False))
+clip_run = train_pairs(clip_model, train["images"], tokenizer(train["canonical_caption"]), steps=clip_steps,
+                       batch_size=batch_size, seed=seed, device=str(device))
 clip_model = clip_model.cpu().eval()  # int8 and ONNX Runtime are CPU techniques; GPU timings move it back
 templates = [f"a {size} {{}} {POSITION_PHRASES[p][0]}" for size in SIZES for p in POSITIONS]
 prompt_tokens = tokenizer([t.format(name) for name in CLASS_NAMES for t in templates])  # (C * T, N)
@@ -144,7 +143,7 @@ def zero_shot_accuracy(image_embeds: torch.Tensor, prompt_embeds: torch.Tensor) 
 
 acc_fp32 = zero_shot_accuracy(encode_images(clip_model, test["images"]), encode_texts(clip_model, prompt_tokens))
 num_params = sum(p.numel() for p in clip_model.parameters())
-print(f"tiny CLIP: {num_params:,} parameters, {clip_steps} steps in {history.seconds:.1f} s")
+print(f"tiny CLIP: {num_params:,} parameters, {clip_steps} steps in {clip_run.seconds:.1f} s")
 print(f"float32 zero-shot top-1 on {num_test} test scenes: {acc_fp32:.3f} (chance {1 / len(CLASS_NAMES):.3f})")
 
 # %% [markdown]

@@ -1006,7 +1006,7 @@ display(Markdown(cases.model_card(
 #
 # **The model.** Chapter 06's LiT: a small ViT image tower trained against the locked,
 # pretrained MiniLM text tower (only the tower and the projections train, through
-# `clip.train_clip`), so a free-form query in words the training never used still lands
+# `clip.train_pairs`), so a free-form query in words the training never used still lands
 # near the right images. **Baseline**: chapter 06's cheap CLIP with a text tower trained
 # from scratch (a bag of words over the training captions' vocabulary) on pixel principal
 # components: it knows only the words it was trained on. And a controlled pair: the same
@@ -1020,9 +1020,8 @@ display(Markdown(cases.model_card(
 # relevant images); a query "a red circle" is answered by every red circle in the gallery.
 
 # %%
-from mmcourse.clip import (ClipTrainConfig, FeatureClip, FeatureClipConfig, TinyClip, TinyClipConfig, WordTokenizer,
-                           encode_images, encode_texts, train_clip)
-from mmcourse.contrastive import ClipLoss
+from mmcourse.clip import (FeatureClip, FeatureClipConfig, TinyClip, TinyClipConfig, WordTokenizer, encode_images,
+                           encode_texts, train_pairs)
 from mmcourse.data.shapes import (COLOUR_SYNONYMS, POSITION_PHRASES, SHAPE_SYNONYMS, TRAIN_PAIRS, ShapesConfig,
                                   shapes_tensors)
 
@@ -1047,8 +1046,8 @@ print("training captions, e.g.:", train_captions[:4])
 t0 = time.perf_counter()
 torch.manual_seed(seed)
 lit = TinyClip(TinyClipConfig(text_tower="frozen", text_feature_dim=384))
-train_clip(lit, ClipLoss(), scenes["images"], minilm_features(train_captions), device=device,
-           config=ClipTrainConfig(steps=lit_steps, batch_size=128, lr=3e-3, seed=seed, progress=False))
+train_pairs(lit, scenes["images"], minilm_features(train_captions), steps=lit_steps, batch_size=128, seed=seed,
+            device=str(device))
 lit_images = encode_images(lit, gallery["images"])  # (G, E) unit vectors
 print(f"LiT trained in {time.perf_counter() - t0:.1f} s")
 
@@ -1060,14 +1059,14 @@ pca = lambda images: (images.flatten(1) - pixel_mean) @ V  # noqa: E731  (N, 128
 word_tokenizer = WordTokenizer.from_texts(train_captions)
 torch.manual_seed(seed)
 bag = FeatureClip(FeatureClipConfig(image_feature_dim=128, vocab_size=len(word_tokenizer)))
-train_clip(bag, ClipLoss(), pca(scenes["images"]), word_tokenizer(train_captions), device=device,
-           config=ClipTrainConfig(steps=300, batch_size=128, lr=3e-3, seed=seed, progress=False))
+train_pairs(bag, pca(scenes["images"]), word_tokenizer(train_captions), steps=300, batch_size=128, seed=seed,
+            device=str(device))
 bag_images = encode_images(bag, pca(gallery["images"]))
 print(f"bag-of-words baseline trained in {time.perf_counter() - t0:.1f} s; its vocabulary: {len(word_tokenizer)} tokens")
 torch.manual_seed(seed)  # the controlled pair: the same pixel features and steps, only the text tower differs
 pca_lit = FeatureClip(FeatureClipConfig(image_feature_dim=128, text_feature_dim=384))
-train_clip(pca_lit, ClipLoss(), pca(scenes["images"]), minilm_features(train_captions), device=device,
-           config=ClipTrainConfig(steps=300, batch_size=128, lr=3e-3, seed=seed, progress=False))
+train_pairs(pca_lit, pca(scenes["images"]), minilm_features(train_captions), steps=300, batch_size=128, seed=seed,
+            device=str(device))
 pca_lit_images = encode_images(pca_lit, pca(gallery["images"]))
 
 # %% [markdown]

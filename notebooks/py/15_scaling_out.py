@@ -323,8 +323,9 @@ print(f"rank 1's share with targets offset by rank: {shares[1].item():.3f}; "
 # * every process generates the same Shapes data and draws the same global batches from
 #   the same seed (`global_batch_indices`), then keeps its contiguous slice
 #   (`split_global_batch`);
-# * `train_clip_distributed` wraps the towers *and* the loss (which owns the learned logit
-#   scale) in `DistributedDataParallel`, with
+# * each process runs the course's one training loop, `mmcourse.train.fit`, on its slices
+#   (`LocalBatches`), with the model - which owns its learned logit scale, as in chapter
+#   06 - wrapped in `DistributedDataParallel`, and chapter 06's `PairObjective` with
 #   `ClipLoss(world_size=W, rank=r, local_loss=True, gather_with_grad=True)`;
 # * only rank 0 logs and writes the results: per-step losses and a checksum of the final
 #   weights as JSON, the weights themselves with `--save-weights`.
@@ -337,7 +338,7 @@ print(f"rank 1's share with targets offset by rank: {shares[1].item():.3f}; "
 from mmcourse.distributed import ScalingConfig, run_clip_training
 
 config = ScalingConfig(steps=steps, batch_size=batch_size, num_pairs=num_pairs, width=width, embed_dim=width,
-                       seed=seed, device=run_device, precision="fp32", threads=cpu_threads, log_every=max(1, steps // 4))
+                       seed=seed, device=run_device, precision="fp32", threads=cpu_threads)
 
 
 def free_port() -> int:
@@ -349,7 +350,7 @@ def free_port() -> int:
 workdir = Path(tempfile.mkdtemp(prefix="mmcourse15_"))
 script_args = ["--steps", steps, "--batch-size", batch_size, "--num-pairs", num_pairs, "--width", width,
                "--embed-dim", width, "--seed", seed, "--device", run_device, "--precision", "fp32",
-               "--threads", cpu_threads, "--log-every", config.log_every,
+               "--threads", cpu_threads,
                "--out", workdir / "result.json", "--save-weights", workdir / "weights.pt"]
 command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", world_size, "--nnodes", 1,
            "--master_addr", "127.0.0.1", "--master_port", free_port(), "-m", "mmcourse.distributed", *script_args]
@@ -442,14 +443,15 @@ mmcourse.record("images_per_second_torchrun", round(ddp["images_per_second"]))
 # different images' initial embeddings, the first step clearly below ln G, and the scale.
 
 # %%
-from mmcourse.distributed import ClipWithLoss, build_data, build_model, global_batch_indices
+from mmcourse.contrastive import PairObjective
+from mmcourse.distributed import build_data, build_model, global_batch_indices
 
 images_all, text_all, tokenizer = build_data(config)  # the data of both runs
-probe = ClipWithLoss(build_model(config, len(tokenizer), seed=seed), ClipLoss()).to(device)  # their initial weights
+probe = build_model(config, len(tokenizer), seed=seed).to(device)  # their initial weights
 index = next(global_batch_indices(num_pairs, batch_size, 1, seed=seed))  # (G,): step 1's global batch
 batch = (images_all[index].to(device), {k: v[index].to(device) for k, v in text_all.items()})
 with torch.no_grad():
-    u0 = F.normalize(probe.model(*batch)[0], dim=-1)  # (G, E) image embeddings
+    u0 = F.normalize(probe(*batch)[0], dim=-1)  # (G, E) image embeddings
 off_diagonal = ~torch.eye(batch_size, dtype=torch.bool, device=device)
 print(f"initial weights: mean cosine between different images' embeddings = {(u0 @ u0.T)[off_diagonal].mean().item():.4f}")
 below_chance = np.flatnonzero(loss_1 < math.log(batch_size) - 0.05)
@@ -457,10 +459,10 @@ print(f"first step with a loss below ln G - 0.05: {below_chance[0] + 1 if len(be
 print(f"logit scale s = 1/tau: {single['logit_scale'][0]:.2f} after step 1, {single['logit_scale'][-1]:.2f} after step {steps}")
 
 probe.load_state_dict({k: v.to(device) for k, v in single_weights.items()})  # the one-process run's final weights
-probe(*batch).backward()
+PairObjective()(probe, batch).backward()
 key_grad = max(p.grad.abs().max().item() for n, p in probe.named_parameters() if n.endswith("k_proj.bias"))
 other_grad = max(p.grad.abs().max().item() for n, p in probe.named_parameters() if not n.endswith("k_proj.bias"))
-adam_eps = torch.optim.AdamW([torch.zeros(1)]).defaults["eps"]  # train_clip_distributed's optimiser
+adam_eps = torch.optim.AdamW([torch.zeros(1)]).defaults["eps"]  # fit's optimiser
 key_bias = max(single_weights[k].abs().max().item() for k in zero_grad_names)
 print(f"largest gradient on step 1's batch, final weights: keys' biases {key_grad:.1e}, "
       f"all other weights {other_grad:.1e}; Adam's eps = {adam_eps:.0e}")
@@ -474,7 +476,7 @@ print(f"largest key bias after {steps} steps: {key_bias:.2e} = {key_bias / confi
 # gradient by its running scale $\sqrt{\hat v} + \epsilon$, so its normalisation amplifies
 # that noise - up to its eps: a gradient of the size of eps or smaller moves a weight by
 # only a fraction of the learning rate per step. After all the steps the largest key bias
-# is the value printed above, about a tenth of the peak learning rate in total: small, but
+# is the value printed above, a few hundredths of the peak learning rate in total: small, but
 # far above the noise that produced it, and different in each run. The table shows those
 # biases are pure noise in *both* runs.
 #
