@@ -88,6 +88,7 @@ from torch.utils._pytree import tree_leaves
 
 from mmcourse.attention import MultiHeadAttention, fused_attention, scaled_dot_product_attention
 from mmcourse.contrastive import PairObjective, clip_loss
+from mmcourse.encoders import count_parameters
 from mmcourse.utils import get_device, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -573,8 +574,8 @@ def clip_training_throughput(
         batch=batch,
         ours_images_per_second=batch / times["ours"],
         transformers_images_per_second=batch / times["transformers"],
-        ours_parameters=sum(p.numel() for p in ours.parameters()),
-        transformers_parameters=sum(p.numel() for p in theirs.parameters()),
+        ours_parameters=count_parameters(ours),
+        transformers_parameters=count_parameters(theirs),
     )
 
 
@@ -870,7 +871,7 @@ def _generate_main(args: argparse.Namespace) -> None:
         device=device,
         seed=args.seed,
     )
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = count_parameters(model)
     print(
         f"Greedy decoding, model {args.model} ({parameters:,} parameters), B={t.batch}, "
         f"prompt {t.prompt_length} tokens, {t.new_tokens} new tokens, device {device}, "

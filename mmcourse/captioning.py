@@ -48,7 +48,7 @@ from mmcourse.encoders import (
     FeedForward,
     ViTConfig,
     ViTEncoder,
-    _init_weights,
+    init_weights,
     load_from_torch_layer,
 )
 from mmcourse.train import ShuffledBatches  # the course's one epoch sampler
@@ -307,9 +307,9 @@ class Captioner(nn.Module):
         self.lm_head = nn.Linear(c.dim, c.vocab_size)  # next-token logits
         self.answer_head = nn.Linear(c.dim, c.num_answers) if c.num_answers else None
         for module in (self.token_embed, self.pos_embed, self.blocks, self.norm, self.lm_head):
-            module.apply(_init_weights)
+            module.apply(init_weights)
         if self.answer_head is not None:
-            self.answer_head.apply(_init_weights)
+            self.answer_head.apply(init_weights)
 
     # -- inputs -----------------------------------------------------------------------------
 

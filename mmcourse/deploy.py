@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcourse.attention import scaled_dot_product_attention
+from mmcourse.encoders import count_parameters
 from mmcourse.generation import GenerationConfig, generate, hf_step_fn, recompute_step_fn
 from mmcourse.pretrained import load_language_model
 from mmcourse.utils import get_device, non_negative_int, one_of, positive_int
@@ -412,7 +413,7 @@ def serialized_bytes(model_or_state: nn.Module | Mapping[str, Any]) -> int:
 
 def linear_weight_fraction(model: nn.Module) -> float:
     """The fraction of ``model``'s parameters that are ``nn.Linear`` weights (what int8 shrinks)."""
-    total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     return linear / max(1, total)
 

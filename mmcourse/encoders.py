@@ -284,8 +284,12 @@ class EncoderOutput:
     logits: Tensor | None = None  # (B, num_classes) when the config has a classifier head
 
 
-def _init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm scales."""
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm scales.
+
+    Apply it with ``module.apply(init_weights)``; the course's other transformer models
+    (``captioning``, ``pretraining``) start from it too.
+    """
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         nn.init.normal_(module.weight, std=std)
         if module.bias is not None:
@@ -302,7 +306,7 @@ def _init_weights(module: nn.Module, std: float = 0.02) -> None:
 def _init_patch_model(model: nn.Module) -> None:
     """ViT/MAE initialisation: N(0, 0.02) everywhere, but the patch embedding Xavier-uniform
     as the Linear it is (so patch content is not drowned by the position table)."""
-    model.apply(_init_weights)
+    model.apply(init_weights)
     weight = model.patch_embed.weight  # (D, C, kh, kw), a Linear over flattened patches
     nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
     nn.init.normal_(model.cls_token, std=0.02)
@@ -638,7 +642,7 @@ class TextEncoder(nn.Module):
             layer_norm_eps=c.layer_norm_eps,
         )
         self.pooler = nn.Linear(c.dim, c.dim) if c.add_pooling_layer else None
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def _check_token_values(self, input_ids: Tensor, token_type_ids: Tensor | None) -> None:
         c = self.config

@@ -48,7 +48,7 @@ from mmcourse.encoders import (
     TransformerBlock,
     ViTConfig,
     ViTEncoder,
-    _init_weights,
+    init_weights,
     load_from_torch_layer,
 )
 from mmcourse.train import ShuffledBatches, TrainConfig, fit
@@ -465,7 +465,7 @@ class ImageTextEncoder(nn.Module):
             word_embeddings=self.text_encoder.embeddings.word_embeddings,
         )
         for module in (self.fusion, self.itm_head, self.mlm_head.dense, self.mlm_head.norm):
-            module.apply(_init_weights)
+            module.apply(init_weights)
 
     def image_tokens(self, images: Tensor) -> Tensor:
         """The image tokens the text attends to: (B, M, K) as given, or the tower's output.
