@@ -607,7 +607,11 @@ for kind in ("colour", "shape"):  # the questions only the image can answer
 # cannot say how much of the margin is this seed's luck. Three runs of stage 2 do not fit
 # the chapter's three-minute CPU budget; `num_seeds = 3` (the GPU setting) trains them,
 # prints the margins as mean ± standard deviation over the runs and checks the mean
-# against twice its standard error.
+# against twice its standard error. One such run on this 2-core CPU
+# (`mmcourse run 11 -p num_seeds 3 -p run_ablations True`, 9.5 minutes, this version of
+# the code) gave exact match 0.578, 0.547 and 0.531 for seeds 0, 1 and 2 against 0.255
+# blind; colour margins of +0.312 in each run; shape margins of +0.312, +0.250 and +0.188;
+# every floor held. The image gain is not this seed's luck.
 #
 # ### Linear vs MLP projector, with vs without stage 1
 #
@@ -617,7 +621,11 @@ for kind in ("colour", "shape"):  # the questions only the image can answer
 # a random projector). They are off at the CPU sizes (`run_ablations = False`: two more
 # runs do not fit the budget); with `run_ablations = True` the cell below prints the three
 # arms side by side. Look at the colour and shape columns, and compare a gap with the
-# spread between seeds (`num_seeds = 3`) before calling it a difference.
+# spread between seeds (`num_seeds = 3`) before calling it a difference. In the run quoted
+# above, all three arms on seed 0: MLP after stage 1 0.578 overall, linear after stage 1
+# 0.469, MLP without stage 1 0.453 - both ablations lower by 0.11 to 0.13, about four
+# times the spread over seeds of the main run (0.024) and twice the binomial standard
+# error over 64 questions (0.062), but one run each.
 
 # %%
 if run_ablations:
