@@ -688,8 +688,12 @@ auc = itm_table.loc["ROC-AUC"]
 auc_gap = (auc["random negatives"] - auc["hard negatives"])[["shape", "ITC's top wrong"]].abs().max()
 print(f"random minus hard negatives, pairwise: smallest lead {random_lead.min():+.3f} ({random_lead.idxmin()}); "
       f"ROC-AUC on shape and ITC's top wrong: at most {auc_gap:.3f} apart")
-mmcourse.record("itm_pairwise_random_minus_hard_min", round(random_lead.min(), 3), at_least=-0.02)  # never behind by > 2 points
-mmcourse.record("itm_auc_shape_top_wrong_random_vs_hard_max_gap", round(auc_gap, 3), at_most=0.1)
+# the claims of this section are about the default budget: with four times the ITM steps hard
+# negatives win (section 6b quotes that run), so these two bounds apply at the default only
+at_default = itm_steps <= 250
+mmcourse.record("itm_pairwise_random_minus_hard_min", round(random_lead.min(), 3),
+                at_least=-0.02 if at_default else None)  # hard never ahead by > 2 points
+mmcourse.record("itm_auc_shape_top_wrong_random_vs_hard_max_gap", round(auc_gap, 3), at_most=0.1 if at_default else None)
 
 # %% [markdown]
 # Two diagnostics. Does the model score *pairs* or just *captions*? Shuffle the images:
@@ -735,7 +739,8 @@ mmcourse.record("mlm_after_itm_minus_start_worst_slot", round(grounding_kept, 3)
 # those two, within a few points of each other either way. One run of each model cannot
 # settle the question; section 6b asks it over seeds. Tempering
 # the draw, mining from the whole caption bank and balancing the classes did not turn hard
-# negatives into a win at this budget: the hard-negative model's ITM loss stays well above
+# negatives into a win at this budget (with four times the steps they win: section 6b
+# quotes that run): the hard-negative model's ITM loss stays well above
 # the random one's, i.e. it has not learned to separate its one-attribute-off negatives
 # in `itm_steps` steps, while random negatives (mostly wrong in several attributes) are
 # easy to learn yet teach checks that transfer to the single swaps. The diagnostics rule
@@ -797,9 +802,10 @@ mmcourse.record("rerank_itm_only_R1_random", round(retrieval["ITM only (random n
 itm_only_gain = max(retrieval[f"ITM only ({kind} negatives)"] for kind in itm_models) - itc_r1
 fused_gain = [retrieval[f"ITM + s * ITC ({kind} negatives)"] - itc_r1 for kind in itm_models]
 print(f"\nR@1 minus ITC alone: ITM only at best {itm_only_gain:+.3f}; fused {min(fused_gain):+.3f} .. {max(fused_gain):+.3f}")
-mmcourse.record("rerank_itm_only_minus_itc_max", round(itm_only_gain, 3), at_most=0.0)  # ITM alone re-ranks worse
+mmcourse.record("rerank_itm_only_minus_itc_max", round(itm_only_gain, 3),
+                at_most=0.0 if at_default else None)  # ITM alone re-ranks worse (at the default budget)
 mmcourse.record("rerank_fused_minus_itc_min", round(min(fused_gain), 3), at_least=-0.02)  # a little below ITC...
-mmcourse.record("rerank_fused_minus_itc_max", round(max(fused_gain), 3), at_most=0.0)  # ...not above it
+mmcourse.record("rerank_fused_minus_itc_max", round(max(fused_gain), 3), at_most=0.0 if at_default else None)  # ...not above it
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.2), layout="constrained")
@@ -967,7 +973,15 @@ mmcourse.record("heads_rerank_fused_minus_itc_max_mean", round(float(fused_minus
 # also reads worst, and shape is where a re-ranker would have to beat ITC. The condition under which re-ranking pays off is
 # an ITM that reads the image better than ITC does - in ALBEF and BLIP a deep fusion
 # encoder trained jointly with both towers on millions of pairs; here, more training of
-# the fusion encoder, which exercise 4 asks you to measure with `-p itm_steps 1000`.
+# the fusion encoder. Measured: one run of this chapter with `-p itm_steps 1000` (four
+# times the ITM steps, 109 s on this 2-core CPU, this version of the code) turns both
+# section-5 nulls around. Hard negatives then beat random ones on shape (pairwise 0.972
+# against 0.934) and on ITC's top wrong caption (0.936 against 0.860; ROC-AUC 0.981
+# against 0.880), and re-ranking with the hard-negative ITM pays: R@1 0.924 for ITM alone
+# and 0.932 for the fused score, against 0.916 for ITC alone, while the random-negative
+# ITM still loses to ITC (0.854, fused 0.898). The bounds recorded in sections 5 and 6
+# describe the default budget and are lifted at larger ones. Exercise 4 asks you to
+# reproduce that run and read its tables.
 #
 # ## 7. Linear probes: what do the frozen features encode?
 #
@@ -1033,7 +1047,7 @@ mmcourse.record("probe_shape_mlm_fused_cls", round(shape_probe["MLM fused [CLS]"
 mmcourse.record("probe_shape_fused_min_minus_random_cls", round(shape_probe[fused_rows].min() - shape_probe["random ViT [CLS]"], 3),
                 at_least=0.03)
 mmcourse.record("probe_shape_itc_cls_minus_fused_max", round(shape_probe["ITC ViT [CLS]"] - shape_probe[fused_rows].max(), 3),
-                at_least=-0.1, at_most=0.1)
+                at_least=-0.1 if at_default else None, at_most=0.1)  # longer ITM training lifts the fused [CLS] further
 # no linear probe reaches ITC's zero-shot shape accuracy
 mmcourse.record("zero_shot_shape_minus_best_probe", round(shape_probe["ITC zero-shot (arg-max caption)"] - shape_probe[shown_rows.index].max(), 3),
                 at_least=0.03)
@@ -1068,7 +1082,7 @@ plt.show()
 # |---|---|---|
 # | ITC | two towers, a batch of pairs | a shared space that retrieves the exact caption for most test images; its top-8 always holds the right one |
 # | MLM | a fusion encoder, masked captions | with the image: size, colour and position of the masked word read from the picture, shape less reliably; without: about the text-only best guess |
-# | ITM | a fusion encoder, negatives | over every seed, negatives that change one attribute teach ITM to reject near misses (higher balanced accuracy than random negatives); the ranking of true vs near miss stays level, ITC-mined negatives at T = 3 do not beat random ones in one run, and at this budget re-ranking does not beat ITC: ITM alone re-ranks worse, fused with ITC it stays close to ITC |
+# | ITM | a fusion encoder, negatives | over every seed, negatives that change one attribute teach ITM to reject near misses (higher balanced accuracy than random negatives); the ranking of true vs near miss stays level, ITC-mined negatives at T = 3 do not beat random ones in one run, and at this budget re-ranking does not beat ITC: ITM alone re-ranks worse, fused with ITC it stays close to ITC; with four times the ITM steps, hard negatives win and re-ranking with them beats ITC (section 6b) |
 #
 # The source's list has a fourth family, generative pretraining (生成式预训练, 002 §3.1):
 # predicting the caption word by word from the image. It is the objective of the decoders
