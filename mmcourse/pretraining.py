@@ -898,42 +898,8 @@ def pretrain(
 
     Taught in notebooks/07_pretraining_objectives.
     """
-    P = input_ids.shape[0]
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
-        )
-    if image_tokens is not None and image_tokens.shape[0] != P:
-        raise ValueError(f"need one image per caption, got {image_tokens.shape[0]} and {P}")
-    if "itm" in config.objectives:
-        if not model.config.use_image or image_tokens is None:
-            raise ValueError("ITM needs images: a model with use_image=True and image_tokens")
-        if similarity_embeds is None:
-            raise ValueError("ITM needs similarity_embeds=(image_embeds, text_embeds, scale)")
-        if similarity_embeds[0].shape[0] != P or similarity_embeds[1].shape[0] != P:
-            raise ValueError(f"similarity_embeds must have one row per pair ({P})")
-        if caption_bank is not None:
-            bank_ids, bank_mask, bank_embeds = caption_bank
-            C = bank_ids.shape[0]
-            if bank_mask.shape != bank_ids.shape or bank_embeds.shape[0] != C:
-                raise ValueError(
-                    "caption_bank must be (input_ids (C, N), attention_mask (C, N), embeds (C, E))"
-                )
-            if caption_ids is None or caption_ids.shape != (P,):
-                raise ValueError("caption_bank needs caption_ids (P,): each caption's bank row")
-            if caption_ids.min() < 0 or caption_ids.max() >= C:
-                raise ValueError(f"caption_ids must index the bank of C={C} captions")
-            if negative_pool is not None and (
-                negative_pool.shape != (C, C) or negative_pool.dtype != torch.bool
-            ):
-                raise ValueError(
-                    f"negative_pool must be a ({C}, {C}) bool mask over the bank, got "
-                    f"{tuple(negative_pool.shape)} {negative_pool.dtype}"
-                )
-        elif negative_pool is not None:
-            raise ValueError("negative_pool restricts draws from caption_bank: pass caption_bank")
-    if config.batch_size > P:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the {P} training pairs")
+    if "itm" in config.objectives and not model.config.use_image:
+        raise ValueError("ITM needs images: a model with use_image=True and image_tokens")
     device = next(model.parameters()).device if device is None else torch.device(device)
     batches = PretrainBatches(
         image_tokens,
@@ -1012,7 +978,7 @@ class PretrainBatches:
     The rows come from :class:`mmcourse.train.ShuffledBatches` (seeded with
     ``config.seed``); masks and negative draws from a second generator seeded with
     ``config.seed + 1``. Both restart with every pass, so the batches are reproducible.
-    The arguments are those of :func:`pretrain`.
+    The arguments are those of :func:`pretrain`, and are checked here.
 
     Taught in notebooks/07_pretraining_objectives.
     """
@@ -1032,11 +998,48 @@ class PretrainBatches:
         caption_bank: tuple[Tensor, Tensor, Tensor] | None = None,
         negative_pool: Tensor | None = None,
     ) -> None:
-        self.image_tokens, self.input_ids, self.attention_mask = (
-            image_tokens,
-            input_ids,
-            attention_mask,
-        )
+        P = input_ids.shape[0]
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
+        if image_tokens is not None and image_tokens.shape[0] != P:
+            raise ValueError(f"need one image per caption, got {image_tokens.shape[0]} and {P}")
+        if "itm" in config.objectives:
+            if image_tokens is None:
+                raise ValueError("ITM needs images: a model with use_image=True and image_tokens")
+            if similarity_embeds is None:
+                raise ValueError("ITM needs similarity_embeds=(image_embeds, text_embeds, scale)")
+            if similarity_embeds[0].shape[0] != P or similarity_embeds[1].shape[0] != P:
+                raise ValueError(f"similarity_embeds must have one row per pair ({P})")
+            if caption_bank is not None:
+                bank_ids, bank_mask, bank_embeds = caption_bank
+                C = bank_ids.shape[0]
+                if bank_mask.shape != bank_ids.shape or bank_embeds.shape[0] != C:
+                    raise ValueError(
+                        "caption_bank must be (input_ids (C, N), attention_mask (C, N), embeds (C, E))"
+                    )
+                if caption_ids is None or caption_ids.shape != (P,):
+                    raise ValueError("caption_bank needs caption_ids (P,): each caption's bank row")
+                if caption_ids.min() < 0 or caption_ids.max() >= C:
+                    raise ValueError(f"caption_ids must index the bank of C={C} captions")
+                if negative_pool is not None and (
+                    negative_pool.shape != (C, C) or negative_pool.dtype != torch.bool
+                ):
+                    raise ValueError(
+                        f"negative_pool must be a ({C}, {C}) bool mask over the bank, got "
+                        f"{tuple(negative_pool.shape)} {negative_pool.dtype}"
+                    )
+            elif negative_pool is not None:
+                raise ValueError(
+                    "negative_pool restricts draws from caption_bank: pass caption_bank"
+                )
+        if config.batch_size > P:
+            raise ValueError(
+                f"batch_size={config.batch_size} is larger than the {P} training pairs"
+            )
+        self.image_tokens = image_tokens
+        self.input_ids, self.attention_mask = input_ids, attention_mask
         self.config, self.vocab_size = config, vocab_size
         self.special_ids, self.mask_token_id = special_ids, mask_token_id
         self.similarity_embeds, self.caption_ids = similarity_embeds, caption_ids

@@ -531,12 +531,12 @@ def fit(
         optimizer.step()
         scheduler.step()
         step += 1
-        value = loss.detach()
+        logged = loss.detach()
         if distributed:  # every process's share of the global batch, averaged
-            value = value.float().clone()
-            torch.distributed.all_reduce(value)
-            value /= torch.distributed.get_world_size()
-        row = {"step": step, "loss": value.item(), "lr": lr, "grad_norm": float(grad_norm)}
+            logged = logged.float().clone()
+            torch.distributed.all_reduce(logged)
+            logged /= torch.distributed.get_world_size()
+        row = {"step": step, "loss": logged.item(), "lr": lr, "grad_norm": float(grad_norm)}
         row.update(parts)
         if log_fn is not None:
             row.update({k: float(v) for k, v in log_fn(model).items()})
